@@ -1,0 +1,74 @@
+"""The error hierarchy.
+
+Every error a user can cause derives from :class:`LogitCacheError`; the CLI turns those into a
+one-line message and a non-zero exit, while anything else keeps its traceback (it is our bug).
+Classes also inherit the matching builtin where one fits (``CacheNotFoundError`` is a
+``FileNotFoundError``) so callers can catch either.
+
+Messages say what is wrong, where, what was expected versus found, and how to fix it.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CacheCorruptError",
+    "CacheIncompleteError",
+    "CacheNotFoundError",
+    "ChecksumMismatchError",
+    "CodecError",
+    "ConfigError",
+    "FormatVersionError",
+    "LogitCacheError",
+    "ManifestError",
+    "ShardMissingError",
+    "UnsafePathError",
+    "WriterError",
+]
+
+
+class LogitCacheError(Exception):
+    """Base of every error logitcache raises on purpose."""
+
+
+class ConfigError(LogitCacheError, ValueError):
+    """Invalid options or arguments (bad k, vocab size, temperature, ...)."""
+
+
+class CodecError(LogitCacheError, ValueError):
+    """Targets that a codec cannot encode or bytes it cannot decode."""
+
+
+class CacheNotFoundError(LogitCacheError, FileNotFoundError):
+    """Nothing that looks like a cache at the given location."""
+
+
+class CacheIncompleteError(LogitCacheError):
+    """A cache directory without a committed manifest: a dump that crashed or is still running."""
+
+
+class ManifestError(LogitCacheError, ValueError):
+    """``manifest.json`` is unreadable, inconsistent, or has invalid fields."""
+
+
+class FormatVersionError(ManifestError):
+    """The manifest's format version is one this logitcache cannot read."""
+
+
+class UnsafePathError(ManifestError):
+    """A manifest names a file outside the cache (absolute path, ``..``, URL)."""
+
+
+class CacheCorruptError(LogitCacheError):
+    """A shard's bytes are damaged or do not match what the manifest promises."""
+
+
+class ChecksumMismatchError(CacheCorruptError):
+    """A shard file's checksum or size differs from the manifest's record."""
+
+
+class ShardMissingError(CacheCorruptError, FileNotFoundError):
+    """A shard file the manifest lists does not exist."""
+
+
+class WriterError(LogitCacheError):
+    """A cache writer was used wrongly or failed; the cache it was writing is not committed."""
