@@ -13,7 +13,7 @@ stamp=.venv/.logitcache-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   python -m pip install -q --upgrade pip
   python -m pip install -q "torch==2.13.0"
-  python -m pip install -q -e ".[dev]"
+  python -m pip install -q -e ".[dev,hf]"
   touch "$stamp"
 fi
 ruff check logitcache tests scripts
