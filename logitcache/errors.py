@@ -18,9 +18,13 @@ __all__ = [
     "CodecError",
     "ConfigError",
     "FormatVersionError",
+    "InputError",
+    "InputNotFoundError",
     "LogitCacheError",
     "ManifestError",
+    "NonFiniteLogitsError",
     "ShardMissingError",
+    "TeacherError",
     "UnsafePathError",
     "WriterError",
 ]
@@ -72,3 +76,19 @@ class ShardMissingError(CacheCorruptError, FileNotFoundError):
 
 class WriterError(LogitCacheError):
     """A cache writer was used wrongly or failed; the cache it was writing is not committed."""
+
+
+class InputError(LogitCacheError, ValueError):
+    """Input data that cannot be read or tokenised (unknown column, empty, no chat template, ...)."""
+
+
+class InputNotFoundError(InputError, FileNotFoundError):
+    """The input data path or URL does not exist."""
+
+
+class TeacherError(LogitCacheError):
+    """A teacher that cannot be loaded or run as asked."""
+
+
+class NonFiniteLogitsError(TeacherError):
+    """The teacher produced NaN or infinite logits; the message names the rows."""
