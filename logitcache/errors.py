@@ -20,6 +20,7 @@ __all__ = [
     "FormatVersionError",
     "InputError",
     "InputNotFoundError",
+    "LoaderError",
     "LogitCacheError",
     "ManifestError",
     "NonFiniteLogitsError",
@@ -92,3 +93,7 @@ class TeacherError(LogitCacheError):
 
 class NonFiniteLogitsError(TeacherError):
     """The teacher produced NaN or infinite logits; the message names the rows."""
+
+
+class LoaderError(LogitCacheError):
+    """The training data loader was used wrongly or failed (stepping past an epoch, a dead worker)."""
