@@ -96,4 +96,4 @@ class NonFiniteLogitsError(TeacherError):
 
 
 class LoaderError(LogitCacheError):
-    """The training data loader was used wrongly or failed (a step past the epoch, a dead worker)."""
+    """The data loader was used wrongly or failed (a step past the epoch, a dead worker)."""
