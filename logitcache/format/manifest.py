@@ -1,0 +1,429 @@
+"""The manifest: the self-describing, versioned contract of a cache (``manifest.json``).
+
+A cache is a directory or object-store prefix holding ``manifest.json`` and shards. The manifest
+is written last and atomically, so its presence *is* the commit: a directory without one is an
+incomplete dump and readers refuse it. Every field that changes what the numbers mean is here:
+the values are teacher log-probs at temperature 1 (temperature is never pre-applied), how the
+mass outside the stored ids is kept, the codec and its quantisation, both vocabulary sizes, and
+fingerprints of the tokenizer, teacher and dataset so that a student's run can refuse a cache
+that does not belong to it.
+
+Versioning: ``format_version`` is ``"MAJOR.MINOR"``. A reader refuses an unknown MAJOR (the
+meaning of fields changed); a newer MINOR only adds optional fields, which this reader ignores.
+
+All classes are frozen dataclasses validated at construction, with ``to_dict``/``from_dict``.
+Shard and file paths are relative POSIX paths inside the cache; anything absolute, with ``..``
+or with a URL scheme is refused (a manifest must never make a reader touch files outside it).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
+
+from logitcache.errors import FormatVersionError, ManifestError, UnsafePathError
+from logitcache.format.codec import TargetCodec, codec_from_dict
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "MANIFEST_NAME",
+    "Coverage",
+    "FileRecord",
+    "Manifest",
+    "ShardRecord",
+    "SourceInfo",
+    "TargetsInfo",
+    "check_relative_path",
+    "shard_name",
+]
+
+FORMAT_NAME = "logitcache"
+FORMAT_VERSION = "1.0"
+MANIFEST_NAME = "manifest.json"
+
+Method = Literal["topk", "sampled"]
+Backend = Literal["zarr", "arrow"]
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _need(cond: bool, where: str, msg: str) -> None:
+    if not cond:
+        raise ManifestError(f"manifest field {where}: {msg}")
+
+
+def _get(d: Mapping[str, Any], key: str, where: str) -> Any:
+    if not isinstance(d, Mapping):
+        raise ManifestError(f"manifest field {where} must be an object, got {type(d).__name__}")
+    if key not in d:
+        raise ManifestError(f"manifest field {where}.{key} is missing")
+    return d[key]
+
+
+def _known(cls: type, d: Mapping[str, Any]) -> dict[str, Any]:
+    """Keep the keys ``cls`` knows: newer minor versions may add fields, which we ignore."""
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in d.items() if k in names}
+
+
+def check_relative_path(path: str, where: str) -> str:
+    """Return ``path`` if it is a safe relative POSIX path inside the cache, else raise."""
+    if not isinstance(path, str) or not path:
+        raise UnsafePathError(f"{where}: path must be a non-empty string, got {path!r}")
+    parts = path.split("/")
+    if (
+        path.startswith(("/", "\\"))
+        or re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", path)
+        or "\\" in path
+        or any(p in ("", ".", "..") for p in parts)
+    ):
+        raise UnsafePathError(
+            f"{where}: {path!r} is not a plain relative path inside the cache (absolute paths, "
+            "'..', '.', empty parts, backslashes and URLs are refused); the manifest was edited "
+            "or written by a faulty tool"
+        )
+    return path
+
+
+@dataclass(frozen=True)
+class TargetsInfo:
+    """What the stored targets mean.
+
+    method: "topk" (the k most likely ids) or "sampled" (ids drawn ``samples`` times, with
+    counts). values: always "logprob": teacher log-probs normalised over the real vocabulary.
+    temperature: the temperature the values were computed at; always 1.0 (never pre-applied).
+    tail: "bucket" when the log mass outside the stored ids is stored per position (top-k);
+    "none" for sampled targets. temperatures: extra temperatures whose per-position
+    log-normaliser ``log sum_v p_v^(1/T)`` is stored, making losses at those T exact.
+    """
+
+    method: Method
+    k: int | None = None
+    samples: int | None = None
+    values: Literal["logprob"] = "logprob"
+    temperature: float = 1.0
+    tail: Literal["bucket", "none"] = "bucket"
+    temperatures: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        _need(self.method in ("topk", "sampled"), "targets.method", f"unknown {self.method!r}")
+        if self.method == "topk":
+            _need(
+                isinstance(self.k, int) and self.k >= 1, "targets.k", f"must be >= 1, got {self.k}"
+            )
+        else:
+            _need(
+                isinstance(self.samples, int) and self.samples >= 1,
+                "targets.samples",
+                f"must be >= 1, got {self.samples}",
+            )
+        _need(self.values == "logprob", "targets.values", f"must be 'logprob', got {self.values!r}")
+        _need(self.temperature == 1.0, "targets.temperature", "values are stored at T=1 only")
+        _need(self.tail in ("bucket", "none"), "targets.tail", f"unknown {self.tail!r}")
+        for t in self.temperatures:
+            _need(
+                isinstance(t, (int, float)) and math.isfinite(t) and t > 0,
+                "targets.temperatures",
+                f"each temperature must be a finite number > 0, got {t!r}",
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "k": self.k,
+            "samples": self.samples,
+            "values": self.values,
+            "temperature": self.temperature,
+            "tail": self.tail,
+            "temperatures": list(self.temperatures),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> TargetsInfo:
+        kw = _known(cls, d)
+        kw["temperatures"] = tuple(kw.get("temperatures", ()))
+        return cls(**kw)
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    """Identity of something a cache was made from (teacher, tokenizer or dataset).
+
+    name: human-readable (model dir, dataset path); revision: a version label if known;
+    fingerprint: a hash that changes whenever the content does (weights, vocab + merges +
+    special tokens + chat template, input bytes + packing options).
+    """
+
+    name: str = ""
+    revision: str | None = None
+    fingerprint: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "revision": self.revision, "fingerprint": self.fingerprint}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> SourceInfo:
+        return cls(**_known(cls, d))
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """One file of a shard: relative path inside the cache, size in bytes, sha256 hex digest."""
+
+    path: str
+    bytes: int
+    sha256: str
+
+    def __post_init__(self) -> None:
+        check_relative_path(self.path, "shards[].files[].path")
+        _need(isinstance(self.bytes, int) and self.bytes >= 0, f"file {self.path}.bytes", "< 0")
+        _need(
+            isinstance(self.sha256, str) and bool(_SHA256.match(self.sha256)),
+            f"file {self.path}.sha256",
+            "must be 64 lowercase hex digits",
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "bytes": self.bytes, "sha256": self.sha256}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> FileRecord:
+        return cls(
+            path=_get(d, "path", "file"),
+            bytes=_get(d, "bytes", "file"),
+            sha256=_get(d, "sha256", "file"),
+        )
+
+
+@dataclass(frozen=True)
+class ShardRecord:
+    """One shard: its path (a ``.zarr`` directory or an ``.arrow`` file), its row, position and
+    entry counts, and every file it consists of with size and checksum."""
+
+    path: str
+    rows: int
+    positions: int
+    entries: int
+    files: tuple[FileRecord, ...]
+
+    def __post_init__(self) -> None:
+        check_relative_path(self.path, "shards[].path")
+        for name in ("rows", "positions", "entries"):
+            v = getattr(self, name)
+            _need(isinstance(v, int) and v >= 0, f"shard {self.path}.{name}", f"bad value {v!r}")
+        _need(len(self.files) > 0, f"shard {self.path}.files", "lists no files")
+        for f in self.files:
+            _need(
+                f.path == self.path or f.path.startswith(self.path + "/"),
+                f"shard {self.path}.files",
+                f"file {f.path!r} lies outside the shard",
+            )
+
+    @property
+    def bytes(self) -> int:
+        return sum(f.bytes for f in self.files)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "rows": self.rows,
+            "positions": self.positions,
+            "entries": self.entries,
+            "files": [f.to_dict() for f in self.files],
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ShardRecord:
+        files = _get(d, "files", "shard")
+        _need(isinstance(files, list), "shards[].files", "must be a list")
+        return cls(
+            path=_get(d, "path", "shard"),
+            rows=_get(d, "rows", "shard"),
+            positions=_get(d, "positions", "shard"),
+            entries=_get(d, "entries", "shard"),
+            files=tuple(FileRecord.from_dict(f) for f in files),
+        )
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """How much of the teacher distribution the targets capture, averaged over stored positions.
+
+    captured_mass: mean probability mass of the stored ids (top-k) or of the distinct sampled ids;
+    entropy: mean teacher entropy in nats over the real vocabulary.
+    """
+
+    positions: int = 0
+    captured_mass: float | None = None
+    entropy: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "positions": self.positions,
+            "captured_mass": self.captured_mass,
+            "entropy": self.entropy,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Coverage:
+        return cls(**_known(cls, d))
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything a reader needs to interpret a cache. See ``docs/format.md``."""
+
+    backend: Backend
+    seq_len: int
+    vocab_size: int
+    padded_vocab_size: int
+    targets: TargetsInfo
+    codec: TargetCodec
+    shards: tuple[ShardRecord, ...]
+    compression: Mapping[str, Any] = field(default_factory=lambda: {"name": "zstd", "level": 3})
+    teacher: SourceInfo = SourceInfo()
+    tokenizer: SourceInfo = SourceInfo()
+    dataset: SourceInfo = SourceInfo()
+    coverage: Coverage = Coverage()
+    created_by: str = ""
+    created_at: str = ""
+    extra: Mapping[str, Any] = field(default_factory=dict)
+    format: str = FORMAT_NAME
+    format_version: str = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        _need(
+            self.format == FORMAT_NAME, "format", f"expected {FORMAT_NAME!r}, got {self.format!r}"
+        )
+        _need(self.backend in ("zarr", "arrow"), "backend", f"unknown {self.backend!r}")
+        _need(isinstance(self.seq_len, int) and self.seq_len >= 1, "seq_len", "must be >= 1")
+        _need(
+            isinstance(self.vocab_size, int) and self.vocab_size >= 1,
+            "vocab_size",
+            f"must be >= 1, got {self.vocab_size!r}",
+        )
+        _need(
+            isinstance(self.padded_vocab_size, int) and self.padded_vocab_size >= self.vocab_size,
+            "padded_vocab_size",
+            f"must be >= vocab_size {self.vocab_size}, got {self.padded_vocab_size!r}",
+        )
+        codec_vocab = getattr(self.codec, "vocab_size", self.vocab_size)
+        _need(
+            codec_vocab == self.vocab_size,
+            "codec.vocab_size",
+            f"{codec_vocab} differs from vocab_size {self.vocab_size}",
+        )
+        _need(
+            self.codec.name == self.targets.method,
+            "codec.name",
+            f"{self.codec.name!r} does not match targets.method {self.targets.method!r}",
+        )
+        seen: set[str] = set()
+        for s in self.shards:
+            _need(s.path not in seen, "shards", f"shard {s.path!r} listed twice")
+            seen.add(s.path)
+
+    @property
+    def num_rows(self) -> int:
+        return sum(s.rows for s in self.shards)
+
+    @property
+    def num_positions(self) -> int:
+        return sum(s.positions for s in self.shards)
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(s.bytes for s in self.shards)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": self.format,
+            "format_version": self.format_version,
+            "created_by": self.created_by,
+            "created_at": self.created_at,
+            "backend": self.backend,
+            "seq_len": self.seq_len,
+            "vocab_size": self.vocab_size,
+            "padded_vocab_size": self.padded_vocab_size,
+            "targets": self.targets.to_dict(),
+            "codec": self.codec.to_dict(),
+            "compression": dict(self.compression),
+            "teacher": self.teacher.to_dict(),
+            "tokenizer": self.tokenizer.to_dict(),
+            "dataset": self.dataset.to_dict(),
+            "coverage": self.coverage.to_dict(),
+            "num_rows": self.num_rows,
+            "num_positions": self.num_positions,
+            "num_bytes": self.num_bytes,
+            "shards": [s.to_dict() for s in self.shards],
+            "extra": dict(self.extra),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1, allow_nan=False) + "\n"
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Manifest:
+        if not isinstance(d, Mapping):
+            raise ManifestError(f"manifest must be a JSON object, got {type(d).__name__}")
+        fmt = d.get("format")
+        if fmt != FORMAT_NAME:
+            raise ManifestError(
+                f"not a logitcache manifest: 'format' is {fmt!r}, expected 'logitcache'"
+            )
+        version = str(_get(d, "format_version", "manifest"))
+        major = version.split(".")[0]
+        if major != FORMAT_VERSION.split(".")[0]:
+            raise FormatVersionError(
+                f"cache format version {version} is not readable by this logitcache, which reads "
+                f"{FORMAT_VERSION.split('.')[0]}.x; install a logitcache release that supports "
+                f"format {major}.x"
+            )
+        shards = _get(d, "shards", "manifest")
+        _need(isinstance(shards, list), "shards", "must be a list")
+        m = cls(
+            backend=_get(d, "backend", "manifest"),
+            seq_len=_get(d, "seq_len", "manifest"),
+            vocab_size=_get(d, "vocab_size", "manifest"),
+            padded_vocab_size=_get(d, "padded_vocab_size", "manifest"),
+            targets=TargetsInfo.from_dict(_get(d, "targets", "manifest")),
+            codec=codec_from_dict(_get(d, "codec", "manifest")),
+            shards=tuple(ShardRecord.from_dict(s) for s in shards),
+            compression=d.get("compression", {"name": "zstd", "level": 3}),
+            teacher=SourceInfo.from_dict(d.get("teacher", {})),
+            tokenizer=SourceInfo.from_dict(d.get("tokenizer", {})),
+            dataset=SourceInfo.from_dict(d.get("dataset", {})),
+            coverage=Coverage.from_dict(d.get("coverage", {})),
+            created_by=d.get("created_by", ""),
+            created_at=d.get("created_at", ""),
+            extra=d.get("extra", {}),
+            format_version=version,
+        )
+        for key in ("num_rows", "num_positions"):
+            if key in d:
+                _need(
+                    d[key] == getattr(m, key),
+                    key,
+                    f"says {d[key]} but the shards add up to {getattr(m, key)}",
+                )
+        return m
+
+    @classmethod
+    def from_json(cls, text: str | bytes, where: str = MANIFEST_NAME) -> Manifest:
+        try:
+            d = json.loads(text)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ManifestError(
+                f"{where} is not valid JSON ({e}); the cache is damaged: re-copy or re-dump it"
+            ) from e
+        return cls.from_dict(d)
+
+
+def shard_name(index: int, prefix: str, backend: Backend) -> str:
+    """Relative path of a shard: ``shards/<prefix><index:05d>.zarr`` or ``.arrow``."""
+    ext = "zarr" if backend == "zarr" else "arrow"
+    return f"shards/{prefix}{index:05d}.{ext}"

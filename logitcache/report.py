@@ -1,0 +1,160 @@
+"""Looking at a cache: a summary (``logitcache info``) and a full check (``logitcache verify``).
+
+``verify`` is the command to run after copying a cache or before trusting one from another team:
+it reads every shard, checks every file's size and sha256 against the manifest, decodes every
+target and checks what decoding cannot: ids inside the vocabulary, log-probs that are finite or
+``-inf`` (padding) and never positive beyond rounding, sampled counts that add up to ``n``, and row
+ids that are unique across the cache. It stops at the first bad shard and names it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from logitcache.errors import CacheCorruptError, LogitCacheError
+from logitcache.format.codec import Targets
+from logitcache.format.targets import SampledTargets, TopKTargets
+from logitcache.store.reader import CacheReader
+
+__all__ = ["VerifyReport", "cache_info", "format_info", "verify_cache"]
+
+# decoded log-probs may exceed 0 by rounding (float16, renormalisation), never by more
+_LOGPROB_SLACK = 1e-3
+
+
+def cache_info(url: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """A JSON-able summary of a committed cache (reads only the manifest)."""
+    m = CacheReader(url, storage_options=storage_options).manifest
+    tokens = m.num_rows * m.seq_len
+    if m.targets.method == "topk":
+        entries = m.num_positions * int(m.targets.k or 0)
+    else:
+        entries = sum(s.entries for s in m.shards)
+    return {
+        "url": url,
+        "format_version": m.format_version,
+        "created_by": m.created_by,
+        "created_at": m.created_at,
+        "backend": m.backend,
+        "rows": m.num_rows,
+        "seq_len": m.seq_len,
+        "tokens": tokens,
+        "positions": m.num_positions,
+        "entries": entries,
+        "shards": len(m.shards),
+        "bytes": m.num_bytes,
+        "bytes_per_token": m.num_bytes / tokens if tokens else None,
+        "bytes_per_position": m.num_bytes / m.num_positions if m.num_positions else None,
+        "bytes_per_entry": m.num_bytes / entries if entries else None,
+        "vocab_size": m.vocab_size,
+        "padded_vocab_size": m.padded_vocab_size,
+        "targets": m.targets.to_dict(),
+        "codec": m.codec.to_dict(),
+        "teacher": m.teacher.to_dict(),
+        "tokenizer": m.tokenizer.to_dict(),
+        "dataset": m.dataset.to_dict(),
+        "coverage": m.coverage.to_dict(),
+    }
+
+
+def format_info(info: Mapping[str, Any]) -> str:
+    """Human-readable rendering of :func:`cache_info`."""
+    t = info["targets"]
+    what = f"top-{t['k']}" if t["method"] == "topk" else f"sampled n={t['samples']}"
+    if t["method"] == "topk" and t["tail"] == "bucket":
+        what += " + tail mass"
+    if t["temperatures"]:
+        what += f", exact at T={', '.join(str(x) for x in t['temperatures'])}"
+    cov = info["coverage"]
+
+    def num(v: Any, fmt: str) -> str:
+        return format(v, fmt) if v is not None else "-"
+
+    lines = [
+        f"cache       {info['url']}",
+        f"format      logitcache {info['format_version']} ({info['backend']}), "
+        f"{info['created_by']} {info['created_at']}".rstrip(),
+        f"rows        {info['rows']:,} x seq_len {info['seq_len']} = {info['tokens']:,} tokens; "
+        f"{info['positions']:,} positions with targets",
+        f"targets     {what}; codec {info['codec']}",
+        f"vocab       {info['vocab_size']:,} (padded {info['padded_vocab_size']:,})",
+        f"size        {info['bytes']:,} bytes in {info['shards']} shards; "
+        f"{num(info['bytes_per_token'], '.1f')} B/token, "
+        f"{num(info['bytes_per_entry'], '.3f')} B/entry",
+        f"coverage    captured mass {num(cov['captured_mass'], '.4f')}, "
+        f"teacher entropy {num(cov['entropy'], '.3f')} nats",
+    ]
+    for key in ("teacher", "tokenizer", "dataset"):
+        src = info[key]
+        fp = (src.get("fingerprint") or "-")[:16]
+        lines.append(f"{key:<11} {src.get('name') or '-'} (fingerprint {fp})")
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    shards: int
+    rows: int
+    positions: int
+    bytes: int
+
+
+def _check_targets(t: Targets, vocab: int, samples: int | None, where: str) -> None:
+    def bad(msg: str) -> CacheCorruptError:
+        return CacheCorruptError(f"{where}: {msg}; re-copy or re-dump the cache")
+
+    if t.ids.size and (int(t.ids.min()) < 0 or int(t.ids.max()) >= vocab):
+        raise bad(f"target ids outside [0, {vocab}): range [{t.ids.min()}, {t.ids.max()}]")
+    if not np.isfinite(t.temperature_lognorm).all():
+        raise bad("temperature_lognorm holds NaN or inf")
+    values: list[tuple[str, np.ndarray]] = []
+    if isinstance(t, TopKTargets):
+        values += [("logprobs", t.logprobs), ("tail_logprob", t.tail_logprob)]
+    elif t.logprobs is not None:
+        values.append(("logprobs", t.logprobs))
+    for name, v in values:
+        if np.isnan(v).any() or np.isposinf(v).any():
+            raise bad(f"{name} holds NaN or +inf")
+        if v.size and float(v.max()) > _LOGPROB_SLACK:
+            raise bad(f"{name} holds a log-prob > 0 ({float(v.max()):.4g})")
+    if isinstance(t, SampledTargets) and samples is not None and t.num_positions:
+        sums = np.add.reduceat(t.counts.astype(np.int64), t.offsets()[:-1]) if t.counts.size else 0
+        if t.num_unique.min() < 1 or np.any(sums != samples):
+            raise bad(f"sampled counts do not add up to n={samples} at every position")
+
+
+def verify_cache(
+    url: str,
+    storage_options: Mapping[str, Any] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> VerifyReport:
+    """Check every shard of a cache; raise a :class:`CacheCorruptError` naming the first bad one."""
+    reader = CacheReader(url, verify=True, max_cached_shards=1, storage_options=storage_options)
+    m = reader.manifest
+    seen: set[int] = set()
+    for i, rec in enumerate(m.shards):
+        rows = reader.read_rows(
+            int(reader.shard_row_offsets[i]), int(reader.shard_row_offsets[i + 1])
+        )
+        where = f"shard {rec.path}"
+        ids = rows.input_ids
+        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= m.padded_vocab_size):
+            raise CacheCorruptError(f"{where}: input_ids outside [0, {m.padded_vocab_size})")
+        dup = set(rows.row_id.tolist())
+        if len(dup) != rows.num_rows or not seen.isdisjoint(dup):
+            raise CacheCorruptError(f"{where}: row ids repeat (within the shard or across shards)")
+        seen |= dup
+        try:
+            targets = rows.targets
+        except LogitCacheError as e:
+            raise CacheCorruptError(f"{where}: targets do not decode: {e}") from e
+        _check_targets(targets, m.vocab_size, m.targets.samples, where)
+        if progress is not None:
+            progress(i + 1, len(m.shards))
+    return VerifyReport(
+        shards=len(m.shards), rows=m.num_rows, positions=m.num_positions, bytes=m.num_bytes
+    )

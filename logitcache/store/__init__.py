@@ -1,0 +1,17 @@
+"""Shard stores: Zarr v3 and Arrow IPC backends behind one writer and one reader."""
+
+from logitcache.store.backends import BACKENDS
+from logitcache.store.base import ShardData
+from logitcache.store.reader import CacheReader, Rows, read_manifest
+from logitcache.store.writer import CacheHeader, CacheWriter, finalize_cache
+
+__all__ = [
+    "BACKENDS",
+    "CacheHeader",
+    "CacheReader",
+    "CacheWriter",
+    "Rows",
+    "ShardData",
+    "finalize_cache",
+    "read_manifest",
+]

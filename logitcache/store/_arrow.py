@@ -1,0 +1,100 @@
+"""Arrow IPC shards: one ``.arrow`` file per shard, one record per row.
+
+Schema: ``row_id`` int64; ``input_ids`` fixed_size_list<int32>[S]; ``loss_mask``
+fixed_size_list<uint8>[S]; and for each codec array a column ``targets/<name>`` of
+``list<T>`` holding that row's items flattened (position-level arrays: the row's positions whose
+loss_mask is 1, times the inner shape; entry-level arrays: the row's entries). Buffers are
+zstd-compressed by the IPC writer; record batches hold about 4 MiB of raw data. The file opens
+with ``pyarrow.ipc.open_file``, Hugging Face ``datasets`` (arrow) and Polars.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import pyarrow as pa
+
+from logitcache.format.codec import ArraySpec
+from logitcache.store.base import TARGETS_GROUP, ShardBackend, ShardData
+
+__all__ = ["ArrowBackend"]
+
+_BATCH_BYTES = 4 << 20
+
+
+def _column_name(spec: ArraySpec) -> str:
+    return f"{TARGETS_GROUP}/{spec.name}"
+
+
+def _row_offsets(data: ShardData, spec: ArraySpec, entry_counts: np.ndarray | None) -> np.ndarray:
+    """Start of each row's items in the flat array of ``spec`` (length R + 1, int64)."""
+    per_row_pos = data.loss_mask.reshape(data.num_rows, -1).astype(np.int64).sum(axis=1)
+    pos_off = np.zeros(data.num_rows + 1, dtype=np.int64)
+    np.cumsum(per_row_pos, out=pos_off[1:])
+    if spec.level == "position":
+        return pos_off * int(np.prod(spec.inner_shape, dtype=np.int64))
+    if entry_counts is None:
+        raise ValueError(f"entry-level array {spec.name} without an entry-count array")
+    ent = np.zeros(entry_counts.shape[0] + 1, dtype=np.int64)
+    np.cumsum(entry_counts, out=ent[1:])
+    return ent[pos_off]
+
+
+class ArrowBackend(ShardBackend):
+    name = "arrow"
+    single_file = True
+
+    def __init__(self, entry_count_array: str | None = None) -> None:
+        self.entry_count_array = entry_count_array
+
+    def serialize(
+        self, data: ShardData, specs: tuple[ArraySpec, ...], compression_level: int
+    ) -> dict[str, bytes]:
+        r = data.num_rows
+        seq_len = int(data.input_ids.shape[1]) if data.input_ids.ndim == 2 else 0
+        counts = data.targets.get(self.entry_count_array) if self.entry_count_array else None
+        cols: dict[str, pa.Array] = {
+            "row_id": pa.array(np.asarray(data.row_id, np.int64)),
+            "input_ids": pa.FixedSizeListArray.from_arrays(
+                pa.array(np.asarray(data.input_ids, np.int32).reshape(-1)), seq_len
+            ),
+            "loss_mask": pa.FixedSizeListArray.from_arrays(
+                pa.array(np.asarray(data.loss_mask, np.uint8).reshape(-1)), seq_len
+            ),
+        }
+        for spec in specs:
+            flat = np.ascontiguousarray(data.targets[spec.name], dtype=spec.dtype).reshape(-1)
+            off = _row_offsets(data, spec, counts)
+            cols[_column_name(spec)] = pa.ListArray.from_arrays(
+                pa.array(off.astype(np.int32)), pa.array(flat)
+            )
+        table = pa.table(cols)
+        raw = max(1, table.nbytes)
+        rows_per_batch = max(1, int(r * _BATCH_BYTES / raw)) if r else 1
+        sink = pa.BufferOutputStream()
+        opts = pa.ipc.IpcWriteOptions(compression=pa.Codec("zstd", compression_level))
+        with pa.ipc.new_file(sink, table.schema, options=opts) as writer:
+            writer.write_table(table, max_chunksize=rows_per_batch)
+        return {"": sink.getvalue().to_pybytes()}
+
+    def deserialize(
+        self, files: Mapping[str, bytes], specs: tuple[ArraySpec, ...], seq_len: int
+    ) -> ShardData:
+        table = pa.ipc.open_file(pa.BufferReader(files[""])).read_all()
+        r = table.num_rows
+
+        def flat(name: str) -> np.ndarray:
+            col = table.column(name).combine_chunks()
+            return np.asarray(col.flatten().to_numpy(zero_copy_only=False))
+
+        targets: dict[str, np.ndarray] = {}
+        for spec in specs:
+            arr = flat(_column_name(spec)).astype(spec.dtype, copy=False)
+            targets[spec.name] = arr.reshape(-1, *spec.inner_shape)
+        return ShardData(
+            row_id=np.asarray(table.column("row_id").to_numpy(), dtype=np.int64),
+            input_ids=flat("input_ids").astype(np.int32, copy=False).reshape(r, seq_len),
+            loss_mask=flat("loss_mask").astype(np.uint8, copy=False).reshape(r, seq_len),
+            targets=targets,
+        )

@@ -1,0 +1,306 @@
+"""The cache reader: manifest-driven, verified, random access by row and sequential iteration.
+
+Opening a cache reads only ``manifest.json`` (validated; never a directory listing). A shard is
+fetched whole the first time one of its rows is needed: its files are checked against the
+manifest's sizes and sha256 digests (on by default; ``verify=False`` skips the digest, never the
+structural checks), decoded to numpy in memory, and kept in a small LRU. Shards are tens of MB, so
+whole-shard reads suit both local disks and object stores and make sequential iteration a
+stream of large reads.
+
+Rows are addressed by *global index* (0..num_rows-1 in manifest order) or by their stable
+``row_id``; a target is addressed by (row id, position).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+
+from logitcache.errors import (
+    CacheCorruptError,
+    CacheIncompleteError,
+    CacheNotFoundError,
+    ChecksumMismatchError,
+    ConfigError,
+    ShardMissingError,
+)
+from logitcache.format.codec import TargetCodec, Targets
+from logitcache.format.manifest import MANIFEST_NAME, Manifest, ShardRecord
+from logitcache.store._fs import Location, open_location
+from logitcache.store.backends import backend_for
+from logitcache.store.base import ShardData, concat_shards, row_position_offsets, slice_rows
+from logitcache.store.writer import PARTS_DIR, PROGRESS_DIR
+
+__all__ = ["CacheReader", "Rows", "read_manifest"]
+
+
+@dataclass(frozen=True, eq=False)
+class Rows:
+    """A run of rows: row arrays, their encoded targets, and (lazily) the decoded targets.
+
+    ``position_offsets[r]:position_offsets[r + 1]`` are row r's positions in the target arrays;
+    within a row they are the positions where ``loss_mask`` is true, in order.
+    """
+
+    row_id: np.ndarray
+    input_ids: np.ndarray
+    loss_mask: np.ndarray
+    encoded: Mapping[str, np.ndarray]
+    codec: TargetCodec
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.row_id.shape[0])
+
+    @cached_property
+    def position_offsets(self) -> np.ndarray:
+        return row_position_offsets(self.loss_mask)
+
+    @cached_property
+    def targets(self) -> Targets:
+        return self.codec.decode(self.encoded)
+
+
+def read_manifest(loc: Location) -> Manifest:
+    """Read and validate ``manifest.json``, telling apart 'no cache' from 'unfinished cache'."""
+    if not loc.exists(MANIFEST_NAME):
+        if not loc.root_exists():
+            raise CacheNotFoundError(f"no cache at {loc.url}: the location does not exist")
+        if any(loc.exists(d) for d in ("shards", PROGRESS_DIR, PARTS_DIR)):
+            raise CacheIncompleteError(
+                f"{loc.url} is an incomplete cache: it has shards but no manifest.json, so the "
+                "dump that wrote it crashed or is still running; resume the dump (--resume) or "
+                "run `logitcache finalize` if all ranks finished"
+            )
+        raise CacheNotFoundError(f"no cache at {loc.url}: manifest.json is missing")
+    return Manifest.from_json(loc.read_bytes(MANIFEST_NAME), where=f"{loc.url}/{MANIFEST_NAME}")
+
+
+class CacheReader:
+    """Read a committed cache. Thread-safe; cheap to construct (reads only the manifest)."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        verify: bool = True,
+        max_cached_shards: int = 2,
+        storage_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        if max_cached_shards < 1:
+            raise ConfigError(f"max_cached_shards must be >= 1, got {max_cached_shards}")
+        self.loc = open_location(url, storage_options)
+        self.url = url
+        self.manifest = read_manifest(self.loc)
+        self.codec = self.manifest.codec
+        self.verify = verify
+        self._backend = backend_for(self.manifest.backend, self.codec)
+        self._specs = self.codec.array_specs()
+        self._count_array = self.codec.entry_count_array
+        self.shard_row_offsets = np.zeros(len(self.manifest.shards) + 1, dtype=np.int64)
+        np.cumsum([s.rows for s in self.manifest.shards], out=self.shard_row_offsets[1:])
+        self._cache: OrderedDict[int, tuple[ShardData, np.ndarray]] = OrderedDict()
+        self._max_cached = max_cached_shards
+        self._verified: set[int] = set()
+        self._lock = threading.Lock()
+        self._row_index: dict[int, int] | None = None
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.shard_row_offsets[-1])
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.manifest.shards)
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    # -- shards ---------------------------------------------------------------------------
+
+    def fetch_shard_files(self, index: int, verify: bool | None = None) -> dict[str, bytes]:
+        """The raw files of shard ``index``, checked against the manifest (size always, digest
+        when verifying). Keys are paths relative to the shard ("" for a single-file shard)."""
+        rec = self.manifest.shards[index]
+        check = self.verify if verify is None else verify
+        out: dict[str, bytes] = {}
+        for f in rec.files:
+            try:
+                data = self.loc.read_bytes(f.path)
+            except FileNotFoundError as e:
+                raise ShardMissingError(
+                    f"shard {rec.path}: file {f.path} listed in the manifest is missing from "
+                    f"{self.url}; the cache was copied incompletely: re-copy or re-dump it"
+                ) from e
+            if len(data) != f.bytes:
+                raise ChecksumMismatchError(
+                    f"shard {rec.path}: file {f.path} is {len(data)} bytes but the manifest "
+                    f"says {f.bytes} (truncated or replaced); re-copy or re-dump the cache"
+                )
+            if check:
+                digest = hashlib.sha256(data).hexdigest()
+                if digest != f.sha256:
+                    raise ChecksumMismatchError(
+                        f"shard {rec.path}: file {f.path} fails its checksum (sha256 "
+                        f"{digest[:16]}..., manifest {f.sha256[:16]}...): the bytes are "
+                        "damaged; re-copy or re-dump the cache"
+                    )
+            out[f.path[len(rec.path) + 1 :] if f.path != rec.path else ""] = data
+        return out
+
+    def load_shard(self, index: int) -> ShardData:
+        """Shard ``index`` decoded to numpy (codes, not decoded targets); cached."""
+        return self._load(index)[0]
+
+    def _load(self, index: int) -> tuple[ShardData, np.ndarray]:
+        if not 0 <= index < self.num_shards:
+            raise IndexError(f"shard index {index} out of range [0, {self.num_shards})")
+        with self._lock:
+            hit = self._cache.get(index)
+            if hit is not None:
+                self._cache.move_to_end(index)
+                return hit
+        verify = self.verify and index not in self._verified
+        files = self.fetch_shard_files(index, verify=verify)
+        rec = self.manifest.shards[index]
+        try:
+            data = self._backend.deserialize(files, self._specs, self.manifest.seq_len)
+        except Exception as e:  # any decoder failure means damaged bytes, never our data
+            raise CacheCorruptError(
+                f"shard {rec.path}: cannot decode ({type(e).__name__}: {e}); the shard is "
+                "damaged: re-copy or re-dump the cache"
+            ) from e
+        self._check_structure(rec, data)
+        entry = (data, row_position_offsets(data.loss_mask))
+        with self._lock:
+            self._verified.add(index)
+            self._cache[index] = entry
+            while len(self._cache) > self._max_cached:
+                self._cache.popitem(last=False)
+        return entry
+
+    def _check_structure(self, rec: ShardRecord, data: ShardData) -> None:
+        def bad(msg: str) -> CacheCorruptError:
+            return CacheCorruptError(f"shard {rec.path}: {msg}; re-copy or re-dump the cache")
+
+        s = self.manifest.seq_len
+        if data.num_rows != rec.rows:
+            raise bad(f"holds {data.num_rows} rows, manifest says {rec.rows}")
+        if data.input_ids.shape != (rec.rows, s) or data.loss_mask.shape != (rec.rows, s):
+            raise bad(f"row arrays have shape {data.input_ids.shape}, expected ({rec.rows}, {s})")
+        if data.loss_mask.size and data.loss_mask.max() > 1:
+            raise bad("loss_mask holds values other than 0 and 1")
+        positions = int(data.loss_mask.astype(np.int64).sum())
+        if positions != rec.positions:
+            raise bad(f"loss_mask selects {positions} positions, manifest says {rec.positions}")
+        entries = (
+            int(data.targets[self._count_array].astype(np.int64).sum()) if self._count_array else 0
+        )
+        if entries != rec.entries:
+            raise bad(f"holds {entries} target entries, manifest says {rec.entries}")
+        for spec in self._specs:
+            arr = data.targets[spec.name]
+            want = (positions if spec.level == "position" else entries, *spec.inner_shape)
+            if arr.shape != want:
+                raise bad(f"targets/{spec.name} has shape {arr.shape}, expected {want}")
+
+    # -- rows -----------------------------------------------------------------------------
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """(shard index, row within shard) of global row ``index``."""
+        if not 0 <= index < self.num_rows:
+            raise IndexError(f"row index {index} out of range [0, {self.num_rows})")
+        shard = int(np.searchsorted(self.shard_row_offsets, index, side="right")) - 1
+        return shard, index - int(self.shard_row_offsets[shard])
+
+    def read_rows(self, start: int, stop: int) -> Rows:
+        """Global rows ``[start, stop)`` (may span shards)."""
+        if not 0 <= start <= stop <= self.num_rows:
+            raise IndexError(f"rows [{start}, {stop}) out of range [0, {self.num_rows}]")
+        if start == stop:
+            return self._rows(self._empty())
+        parts: list[ShardData] = []
+        i = start
+        while i < stop:
+            shard, local = self.locate(i)
+            data, pos_off = self._load(shard)
+            n = min(stop - i, data.num_rows - local)
+            parts.append(
+                slice_rows(data, local, local + n, self._specs, self._count_array, pos_off)
+            )
+            i += n
+        return self._rows(parts[0] if len(parts) == 1 else concat_shards(parts, self._specs))
+
+    def _empty(self) -> ShardData:
+        s = self.manifest.seq_len
+        return ShardData(
+            row_id=np.zeros(0, np.int64),
+            input_ids=np.zeros((0, s), np.int32),
+            loss_mask=np.zeros((0, s), np.uint8),
+            targets={sp.name: np.zeros((0, *sp.inner_shape), sp.dtype) for sp in self._specs},
+        )
+
+    def _rows(self, d: ShardData) -> Rows:
+        return Rows(
+            row_id=d.row_id,
+            input_ids=d.input_ids,
+            loss_mask=d.loss_mask.astype(bool),
+            encoded=d.targets,
+            codec=self.codec,
+        )
+
+    def __getitem__(self, index: int) -> Rows:
+        return self.read_rows(index, index + 1)
+
+    def iter_rows(self, batch_rows: int = 64) -> Iterator[Rows]:
+        """All rows in manifest order, ``batch_rows`` at a time (never spanning shards)."""
+        if batch_rows < 1:
+            raise ConfigError(f"batch_rows must be >= 1, got {batch_rows}")
+        for shard in range(self.num_shards):
+            lo, hi = int(self.shard_row_offsets[shard]), int(self.shard_row_offsets[shard + 1])
+            for start in range(lo, hi, batch_rows):
+                yield self.read_rows(start, min(start + batch_rows, hi))
+
+    def find(self, row_id: int) -> int:
+        """Global index of the row with stable id ``row_id`` (builds an index on first use)."""
+        if self._row_index is None:
+            index: dict[int, int] = {}
+            for shard in range(self.num_shards):
+                base = int(self.shard_row_offsets[shard])
+                for j, rid in enumerate(self.load_shard(shard).row_id.tolist()):
+                    index[rid] = base + j
+            self._row_index = index
+        if row_id not in self._row_index:
+            raise KeyError(f"row id {row_id} is not in cache {self.url}")
+        return self._row_index[row_id]
+
+    def targets_at(self, row_id: int, position: int) -> Targets | None:
+        """The decoded target at (row id, position); None where the position has no target
+        (its loss_mask is 0)."""
+        rows = self.read_rows(self.find(row_id), self.find(row_id) + 1)
+        s = self.manifest.seq_len
+        if not 0 <= position < s:
+            raise IndexError(f"position {position} out of range [0, {s})")
+        if not rows.loss_mask[0, position]:
+            return None
+        j = int(rows.loss_mask[0, :position].sum())
+        one = slice_rows(_positions_as_rows(rows), j, j + 1, self._specs, self._count_array)
+        return self.codec.decode(one.targets)
+
+
+def _positions_as_rows(rows: Rows) -> ShardData:
+    """View a row's positions as rows of length 1, so slice_rows can cut single positions."""
+    p = int(rows.position_offsets[-1])
+    return ShardData(
+        row_id=np.arange(p, dtype=np.int64),
+        input_ids=np.zeros((p, 1), np.int32),
+        loss_mask=np.ones((p, 1), np.uint8),
+        targets=rows.encoded,
+    )

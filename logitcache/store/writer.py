@@ -1,0 +1,479 @@
+"""The cache writer: rows in, atomically committed shards and a manifest out.
+
+Commit protocol (what makes a crashed dump harmless):
+
+1. rows are encoded by the codec and buffered in memory;
+2. a shard is cut at the first row where the buffered raw bytes reach ``shard_bytes`` (so shard
+   boundaries depend only on the sequence of rows, never on batch sizes: a resumed dump cuts
+   the same shards), serialised in memory, checksummed, written under a temporary name and
+   renamed into place;
+3. after each shard, a small progress record ``_writers/<name>.json`` is replaced atomically: it
+   lists the committed shards, which is all ``resume`` needs;
+4. ``commit()`` flushes the last shard and writes ``manifest.json`` last, atomically. With
+   ``part=...`` (one writer per rank) it writes a completion marker ``_parts/<part>.json``
+   instead and :func:`finalize_cache` later joins all parts into the manifest.
+
+A writer that raises or is left unclosed writes no manifest, so readers refuse the directory as
+incomplete; its committed shards stay for ``resume``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+
+from logitcache.errors import CacheIncompleteError, ConfigError, LogitCacheError, WriterError
+from logitcache.format.codec import TargetCodec, Targets
+from logitcache.format.manifest import (
+    MANIFEST_NAME,
+    Backend,
+    Coverage,
+    FileRecord,
+    Manifest,
+    ShardRecord,
+    SourceInfo,
+    TargetsInfo,
+    shard_name,
+)
+from logitcache.store._fs import Location, open_location
+from logitcache.store.backends import backend_for
+from logitcache.store.base import (
+    ShardData,
+    concat_shards,
+    row_position_offsets,
+    shard_nbytes,
+    slice_rows,
+)
+
+__all__ = ["CacheHeader", "CacheWriter", "finalize_cache"]
+
+log = logging.getLogger("logitcache")
+
+PROGRESS_DIR = "_writers"
+PARTS_DIR = "_parts"
+DEFAULT_SHARD_BYTES = 128 << 20
+_MAX_SHARD_BYTES = 1 << 30  # Arrow list offsets are int32
+
+
+@dataclass(frozen=True)
+class CacheHeader:
+    """The manifest minus what writing produces (shards, coverage, timestamps)."""
+
+    codec: TargetCodec
+    targets: TargetsInfo
+    seq_len: int
+    vocab_size: int
+    padded_vocab_size: int
+    backend: Backend = "zarr"
+    compression_level: int = 3
+    teacher: SourceInfo = SourceInfo()
+    tokenizer: SourceInfo = SourceInfo()
+    dataset: SourceInfo = SourceInfo()
+    extra: Mapping[str, Any] | None = None
+
+    def manifest(self, shards: Sequence[ShardRecord], coverage: Coverage) -> Manifest:
+        from logitcache import __version__
+
+        return Manifest(
+            backend=self.backend,
+            seq_len=self.seq_len,
+            vocab_size=self.vocab_size,
+            padded_vocab_size=self.padded_vocab_size,
+            targets=self.targets,
+            codec=self.codec,
+            shards=tuple(shards),
+            compression={"name": "zstd", "level": self.compression_level},
+            teacher=self.teacher,
+            tokenizer=self.tokenizer,
+            dataset=self.dataset,
+            coverage=coverage,
+            created_by=f"logitcache {__version__}",
+            created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            extra=dict(self.extra or {}),
+        )
+
+    def fingerprint_dict(self) -> dict[str, Any]:
+        """The fields two writers of one cache must agree on (timestamps excluded)."""
+        d = self.manifest((), Coverage()).to_dict()
+        for k in (
+            "created_at",
+            "created_by",
+            "shards",
+            "coverage",
+            "num_rows",
+            "num_positions",
+            "num_bytes",
+        ):
+            d.pop(k, None)
+        return d
+
+
+class _CoverageSum:
+    def __init__(self, d: Mapping[str, float] | None = None) -> None:
+        d = d or {}
+        self.positions = int(d.get("positions", 0))
+        self.mass = float(d.get("mass", 0.0))
+        self.mass_n = int(d.get("mass_n", 0))
+        self.entropy = float(d.get("entropy", 0.0))
+        self.entropy_n = int(d.get("entropy_n", 0))
+
+    def add(self, positions: int, mass: np.ndarray | None, entropy: np.ndarray | None) -> None:
+        self.positions += positions
+        if mass is not None:
+            self.mass += float(np.sum(mass, dtype=np.float64))
+            self.mass_n += int(mass.size)
+        if entropy is not None:
+            self.entropy += float(np.sum(entropy, dtype=np.float64))
+            self.entropy_n += int(entropy.size)
+
+    def merge(self, other: _CoverageSum) -> None:
+        for k in ("positions", "mass", "mass_n", "entropy", "entropy_n"):
+            setattr(self, k, getattr(self, k) + getattr(other, k))
+
+    def to_dict(self) -> dict[str, float]:
+        return dict(self.__dict__)
+
+    def coverage(self) -> Coverage:
+        return Coverage(
+            positions=self.positions,
+            captured_mass=self.mass / self.mass_n if self.mass_n else None,
+            entropy=self.entropy / self.entropy_n if self.entropy_n else None,
+        )
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _refuse_existing(loc: Location, overwrite: bool, resume: bool) -> None:
+    if overwrite:
+        # the old manifest goes first: from here on the old cache no longer reads as complete
+        loc.remove(MANIFEST_NAME)
+        for rel in ("shards", PROGRESS_DIR, PARTS_DIR):
+            loc.remove(rel)
+        return
+    if loc.exists(MANIFEST_NAME):
+        raise WriterError(
+            f"{loc.url} already holds a committed cache; choose another output, or pass "
+            "overwrite=True (--overwrite) to replace it"
+        )
+    if not resume and (loc.exists("shards") or loc.exists(PROGRESS_DIR)):
+        raise CacheIncompleteError(
+            f"{loc.url} holds shards of an unfinished dump; pass resume=True (--resume) to "
+            "continue it or overwrite=True (--overwrite) to start again"
+        )
+
+
+class CacheWriter:
+    """Append rows to a new cache; see the module docstring for the commit protocol.
+
+    Use as a context manager: leaving the block normally commits, an exception aborts (no
+    manifest). ``name`` scopes shard names and the progress record, so several writers (ranks)
+    can share one cache; ``part`` makes :meth:`commit` write a completion marker instead of the
+    manifest.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        header: CacheHeader,
+        *,
+        shard_bytes: int = DEFAULT_SHARD_BYTES,
+        overwrite: bool = False,
+        resume: bool = False,
+        part: str | None = None,
+        storage_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        if not 1 <= shard_bytes <= _MAX_SHARD_BYTES:
+            raise ConfigError(f"shard_bytes must be in [1, {_MAX_SHARD_BYTES}], got {shard_bytes}")
+        if header.codec.name != header.targets.method:
+            raise ConfigError(
+                f"codec {header.codec.name!r} does not match targets.method "
+                f"{header.targets.method!r}"
+            )
+        self.header = header
+        self.loc = open_location(url, storage_options)
+        self.shard_bytes = shard_bytes
+        self.part = part
+        self._prefix = f"{part}-" if part else ""
+        self._progress = f"{PROGRESS_DIR}/{part or 'main'}.json"
+        self._backend = backend_for(header.backend, header.codec)
+        self._specs = header.codec.array_specs()
+        self._count_array = header.codec.entry_count_array
+        self._buffer: list[ShardData] = []
+        self._buffer_bytes = 0
+        self._shards: list[ShardRecord] = []
+        self._coverage = _CoverageSum()
+        self._closed = False
+        if part is None:
+            _refuse_existing(self.loc, overwrite, resume)
+        elif self.loc.exists(MANIFEST_NAME):
+            raise WriterError(f"{self.loc.url} already holds a committed cache (manifest.json)")
+        self.loc.makedirs()
+        self.resumed_rows = self._resume() if resume else 0
+
+    # -- writing ---------------------------------------------------------------------------
+
+    @property
+    def rows_written(self) -> int:
+        """Rows accepted so far (committed or buffered), including resumed ones."""
+        return sum(s.rows for s in self._shards) + sum(b.num_rows for b in self._buffer)
+
+    def write(
+        self,
+        row_id: np.ndarray,
+        input_ids: np.ndarray,
+        loss_mask: np.ndarray,
+        targets: Targets,
+        *,
+        captured_mass: np.ndarray | None = None,
+        entropy: np.ndarray | None = None,
+    ) -> None:
+        """Append a batch of rows. ``targets`` covers exactly the positions where
+        ``loss_mask`` is true, row-major; ``captured_mass``/``entropy`` are optional
+        per-position coverage statistics averaged into the manifest."""
+        if self._closed:
+            raise WriterError("write() after commit() or abort(): open a new CacheWriter")
+        data = self._validate(row_id, input_ids, loss_mask, targets)
+        self._coverage.add(targets.num_positions, captured_mass, entropy)
+        self._buffer.append(data)
+        self._buffer_bytes += shard_nbytes(data)
+        while self._buffer_bytes >= self.shard_bytes:
+            self._flush_one()
+
+    def _validate(
+        self, row_id: np.ndarray, input_ids: np.ndarray, loss_mask: np.ndarray, targets: Targets
+    ) -> ShardData:
+        h = self.header
+        row_id = np.asarray(row_id)
+        input_ids = np.asarray(input_ids)
+        loss_mask = np.asarray(loss_mask)
+        if row_id.ndim != 1 or not np.issubdtype(row_id.dtype, np.integer):
+            raise WriterError(
+                f"row_id must be a 1-D integer array, got {row_id.dtype}{row_id.shape}"
+            )
+        b = row_id.shape[0]
+        for name, arr in (("input_ids", input_ids), ("loss_mask", loss_mask)):
+            if arr.shape != (b, h.seq_len):
+                raise WriterError(
+                    f"{name} must be [rows={b}, seq_len={h.seq_len}], got shape {arr.shape}"
+                )
+        if b and (input_ids.min() < 0 or input_ids.max() >= h.padded_vocab_size):
+            raise WriterError(
+                f"input_ids must lie in [0, {h.padded_vocab_size}), got range "
+                f"[{input_ids.min()}, {input_ids.max()}]"
+            )
+        mask = loss_mask.astype(bool)
+        if int(mask.sum()) != targets.num_positions:
+            raise WriterError(
+                f"targets hold {targets.num_positions} positions but loss_mask selects "
+                f"{int(mask.sum())}; pass targets for exactly the masked positions, row-major"
+            )
+        return ShardData(
+            row_id=row_id.astype(np.int64),
+            input_ids=input_ids.astype(np.int32),
+            loss_mask=mask.astype(np.uint8),
+            targets=self.header.codec.encode(targets),
+        )
+
+    def _flush_one(self, final: bool = False) -> None:
+        """Write the shard at the front of the buffer (cut by size, or everything if final)."""
+        data = concat_shards(self._buffer, self._specs)
+        n = data.num_rows
+        if not final:
+            per_row = _row_bytes(data, self._specs, self._count_array)
+            n = int(np.searchsorted(np.cumsum(per_row), self.shard_bytes)) + 1
+            n = min(n, data.num_rows)
+        pos_off = row_position_offsets(data.loss_mask)
+        head = slice_rows(data, 0, n, self._specs, self._count_array, pos_off)
+        tail = slice_rows(data, n, data.num_rows, self._specs, self._count_array, pos_off)
+        self._write_shard(head)
+        self._buffer = [tail] if tail.num_rows else []
+        self._buffer_bytes = shard_nbytes(tail)
+
+    def _write_shard(self, data: ShardData) -> None:
+        path = shard_name(len(self._shards), self._prefix, self.header.backend)
+        files = self._backend.serialize(data, self._specs, self.header.compression_level)
+        records = tuple(
+            FileRecord(path=f"{path}/{k}" if k else path, bytes=len(v), sha256=_sha256(v))
+            for k, v in files.items()
+        )
+        if self._backend.single_file:
+            self.loc.write_atomic(path, files[""])
+        else:
+            self.loc.write_tree_atomic(path, files)
+        entries = (
+            int(data.targets[self._count_array].astype(np.int64).sum()) if self._count_array else 0
+        )
+        self._shards.append(
+            ShardRecord(
+                path=path,
+                rows=data.num_rows,
+                positions=int(data.loss_mask.astype(np.int64).sum()),
+                entries=entries,
+                files=records,
+            )
+        )
+        self._save_progress()
+
+    # -- progress and resume ---------------------------------------------------------------
+
+    def _save_progress(self) -> None:
+        record = {
+            "header": self.header.fingerprint_dict(),
+            "shard_bytes": self.shard_bytes,
+            "shards": [s.to_dict() for s in self._shards],
+            "coverage_sums": self._coverage.to_dict(),
+        }
+        self.loc.write_atomic(self._progress, json.dumps(record).encode())
+
+    def _resume(self) -> int:
+        self.loc.remove_temporaries("shards", self._prefix)
+        if not self.loc.exists(self._progress):
+            return 0
+        try:
+            record = json.loads(self.loc.read_bytes(self._progress))
+            shards = [ShardRecord.from_dict(s) for s in record["shards"]]
+        except (ValueError, KeyError, TypeError, LogitCacheError) as e:
+            raise CacheIncompleteError(
+                f"cannot resume {self.loc.url}: its progress record {self._progress} is "
+                f"unreadable ({e}); start again with --overwrite"
+            ) from e
+        ours = self.header.fingerprint_dict()
+        for key in sorted(set(ours) | set(record["header"])):
+            if ours.get(key) != record["header"].get(key):
+                raise ConfigError(
+                    f"cannot resume {self.loc.url}: {key} changed (cache has "
+                    f"{record['header'].get(key)!r}, this run has {ours.get(key)!r}); rerun with "
+                    "the original settings, or start again with --overwrite"
+                )
+        if record.get("shard_bytes") != self.shard_bytes:
+            raise ConfigError(
+                f"cannot resume {self.loc.url}: shard_bytes changed "
+                f"({record.get('shard_bytes')} -> {self.shard_bytes})"
+            )
+        for s in shards:
+            for f in s.files:
+                if not self.loc.exists(f.path) or self.loc.size(f.path) != f.bytes:
+                    raise CacheIncompleteError(
+                        f"cannot resume {self.loc.url}: committed shard file {f.path} is missing "
+                        "or has the wrong size; start again with --overwrite"
+                    )
+        # a shard renamed into place after the last progress record is redone
+        self.loc.remove(shard_name(len(shards), self._prefix, self.header.backend))
+        self._shards = shards
+        self._coverage = _CoverageSum(record.get("coverage_sums"))
+        return sum(s.rows for s in shards)
+
+    # -- commit ------------------------------------------------------------------------------
+
+    def commit(self) -> Manifest:
+        """Flush the last shard and write the manifest (or this part's completion marker)."""
+        if self._closed:
+            raise WriterError("commit() called twice")
+        if self._buffer:
+            self._flush_one(final=True)
+        self._save_progress()
+        manifest = self.header.manifest(self._shards, self._coverage.coverage())
+        if self.part is None:
+            self.loc.write_atomic(MANIFEST_NAME, manifest.to_json().encode())
+        else:
+            self.loc.write_atomic(
+                f"{PARTS_DIR}/{self.part}.json",
+                json.dumps(
+                    {"manifest": manifest.to_dict(), "coverage_sums": self._coverage.to_dict()}
+                ).encode(),
+            )
+        self._closed = True
+        return manifest
+
+    def abort(self) -> None:
+        """Drop buffered rows; committed shards stay for resume; no manifest is written."""
+        self._buffer = []
+        self._closed = True
+        self.loc.remove_temporaries("shards", self._prefix)
+
+    def __enter__(self) -> CacheWriter:
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if et is None:
+            if not self._closed:
+                self.commit()
+            return
+        self.abort()
+        msg = (
+            f"cache {self.loc.url} was NOT committed (no manifest written); "
+            f"{sum(s.rows for s in self._shards)} rows in committed shards are kept for --resume"
+        )
+        log.warning(msg)
+        if ev is not None:
+            ev.add_note(msg)
+
+
+def _row_bytes(data: ShardData, specs: Sequence[Any], count_array: str | None) -> np.ndarray:
+    """Raw bytes each row contributes (row arrays + its positions + its entries)."""
+    r = data.num_rows
+    fixed = data.row_id.itemsize + data.input_ids[:1].nbytes + data.loss_mask[:1].nbytes
+    per_pos = sum(
+        int(np.prod(s.inner_shape, dtype=np.int64)) * np.dtype(s.dtype).itemsize
+        for s in specs
+        if s.level == "position"
+    )
+    positions = data.loss_mask.reshape(r, -1).astype(np.int64).sum(axis=1)
+    out = fixed + positions * per_pos
+    if count_array is not None:
+        per_entry = sum(np.dtype(s.dtype).itemsize for s in specs if s.level == "entry")
+        pos_off = row_position_offsets(data.loss_mask)
+        ent = np.concatenate([[0], np.cumsum(data.targets[count_array].astype(np.int64))])
+        out = out + (ent[pos_off[1:]] - ent[pos_off[:-1]]) * per_entry
+    return np.asarray(out, dtype=np.int64)
+
+
+def finalize_cache(
+    url: str, parts: Sequence[str], storage_options: Mapping[str, Any] | None = None
+) -> Manifest:
+    """Join the completion markers of ``parts`` (in that order) into one manifest, atomically.
+
+    Refuses when a part is missing (naming it) or when parts disagree on any header field.
+    """
+    loc = open_location(url, storage_options)
+    if loc.exists(MANIFEST_NAME):
+        raise WriterError(f"{url} is already finalized (manifest.json exists)")
+    manifests: list[Manifest] = []
+    cov = _CoverageSum()
+    for p in parts:
+        rel = f"{PARTS_DIR}/{p}.json"
+        if not loc.exists(rel):
+            raise CacheIncompleteError(
+                f"cannot finalize {url}: part {p!r} has not completed ({rel} is missing); "
+                "wait for it or resume that rank"
+            )
+        d = json.loads(loc.read_bytes(rel))
+        manifests.append(Manifest.from_dict(d["manifest"]))
+        cov.merge(_CoverageSum(d["coverage_sums"]))
+    if not manifests:
+        raise ConfigError("finalize needs at least one part")
+    first = manifests[0].to_dict()
+    skip = {"shards", "coverage", "num_rows", "num_positions", "num_bytes", "created_at"}
+    for p, m in zip(parts, manifests, strict=True):
+        d = m.to_dict()
+        for key in first:
+            if key not in skip and d.get(key) != first.get(key):
+                raise ConfigError(
+                    f"cannot finalize {url}: part {p!r} differs from part {parts[0]!r} in {key}"
+                )
+    shards = tuple(s for m in manifests for s in m.shards)
+    manifest = replace(manifests[0], shards=shards, coverage=cov.coverage())
+    loc.write_atomic(MANIFEST_NAME, manifest.to_json().encode())
+    return manifest
