@@ -2,7 +2,7 @@
 
 Layout of ``shards/NNNNN.zarr/``: ``zarr.json`` (group), ``row_id/``, ``input_ids/``,
 ``loss_mask/`` and ``targets/<name>/`` arrays. Every array is chunked along its first axis into
-inner chunks of about 1 MiB (zstd, level from the manifest) and all inner chunks live in a single
+inner chunks of about 1 MiB (zstd with frame checksums, level from the manifest) and all inner chunks live in a single
 shard object ``c/0[/0...]``: a cache shard is a few dozen files, not thousands, while a plain
 zarr reader can still fetch a single inner chunk. The shard is built in a zarr ``MemoryStore``
 and written out by the caller, so checksums cover exactly the stored bytes.
@@ -40,7 +40,7 @@ def _write_array(group: zarr.Group, name: str, arr: np.ndarray, level: int) -> N
         dtype=arr.dtype,
         chunks=tuple(max(1, c) for c in chunks),
         shards=(shard0, *(max(1, c) for c in arr.shape[1:])),
-        compressors=ZstdCodec(level=level),
+        compressors=ZstdCodec(level=level, checksum=True),
         fill_value=0,
     )
     if arr.size:
