@@ -166,7 +166,10 @@ class TopKCodec(TargetCodec):
         ]
         if self.values == "sqrt":
             cd = code_dtype(self.quant_levels)
-            specs += [ArraySpec("value_code", cd, "position", k), ArraySpec("tail_code", cd, "position")]
+            specs += [
+                ArraySpec("value_code", cd, "position", k),
+                ArraySpec("tail_code", cd, "position"),
+            ]
         else:
             specs += [
                 ArraySpec("logprobs", self.values, "position", k),
@@ -258,7 +261,9 @@ class TopKCodec(TargetCodec):
         z = probt[codes].sum(axis=1, dtype=np.float32)
         z += probt[tail_codes]
         if p and not z.min() > 0:
-            raise CodecError("a position decodes to zero total mass: the value arrays are corrupted")
+            raise CodecError(
+                "a position decodes to zero total mass: the value arrays are corrupted"
+            )
         logz = np.log(z)
         logprobs = logt[codes]
         logprobs -= logz[:, None]
