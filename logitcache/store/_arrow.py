@@ -29,7 +29,7 @@ def _column_name(spec: ArraySpec) -> str:
 
 def _row_offsets(data: ShardData, spec: ArraySpec, entry_counts: np.ndarray | None) -> np.ndarray:
     """Start of each row's items in the flat array of ``spec`` (length R + 1, int64)."""
-    per_row_pos = data.loss_mask.reshape(data.num_rows, -1).astype(np.int64).sum(axis=1)
+    per_row_pos = data.loss_mask.astype(np.int64).sum(axis=1)
     pos_off = np.zeros(data.num_rows + 1, dtype=np.int64)
     np.cumsum(per_row_pos, out=pos_off[1:])
     if spec.level == "position":

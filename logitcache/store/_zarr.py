@@ -4,8 +4,9 @@ Layout of ``shards/NNNNN.zarr/``: ``zarr.json`` (group), ``row_id/``, ``input_id
 ``loss_mask/`` and ``targets/<name>/`` arrays. Every array is chunked along its first axis into
 inner chunks of about 1 MiB (zstd with frame checksums, level from the manifest) and all inner
 chunks live in a single shard object ``c/0[/0...]``: a cache shard is a few dozen files, not
-thousands, while a plain zarr reader can still fetch a single inner chunk. The shard is built in a zarr ``MemoryStore``
-and written out by the caller, so checksums cover exactly the stored bytes.
+thousands, while a plain zarr reader can still fetch a single inner chunk. The shard is built in
+a zarr ``MemoryStore`` and written out by the caller, so checksums cover exactly the stored
+bytes.
 """
 
 from __future__ import annotations

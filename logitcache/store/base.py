@@ -82,7 +82,7 @@ def _offsets(counts: np.ndarray) -> np.ndarray:
 
 def row_position_offsets(loss_mask: np.ndarray) -> np.ndarray:
     """[R + 1] int64: row r's targets are positions ``[off[r], off[r + 1])``."""
-    return _offsets(loss_mask.reshape(loss_mask.shape[0], -1).astype(np.int64).sum(axis=1))
+    return _offsets(loss_mask.astype(np.int64).sum(axis=1))
 
 
 def slice_rows(

@@ -423,14 +423,13 @@ class CacheWriter:
 
 def _row_bytes(data: ShardData, specs: Sequence[Any], count_array: str | None) -> np.ndarray:
     """Raw bytes each row contributes (row arrays + its positions + its entries)."""
-    r = data.num_rows
     fixed = data.row_id.itemsize + data.input_ids[:1].nbytes + data.loss_mask[:1].nbytes
     per_pos = sum(
         int(np.prod(s.inner_shape, dtype=np.int64)) * np.dtype(s.dtype).itemsize
         for s in specs
         if s.level == "position"
     )
-    positions = data.loss_mask.reshape(r, -1).astype(np.int64).sum(axis=1)
+    positions = data.loss_mask.astype(np.int64).sum(axis=1)
     out = fixed + positions * per_pos
     if count_array is not None:
         per_entry = sum(np.dtype(s.dtype).itemsize for s in specs if s.level == "entry")

@@ -1,0 +1,451 @@
+"""Writer/reader round trips on both backends, resume, parts, and every kind of damage."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from synth import sampled_targets, topk_targets
+
+from logitcache.errors import (
+    CacheCorruptError,
+    CacheIncompleteError,
+    CacheNotFoundError,
+    ChecksumMismatchError,
+    ConfigError,
+    FormatVersionError,
+    ManifestError,
+    ShardMissingError,
+    UnsafePathError,
+    WriterError,
+)
+from logitcache.format import TopKCodec
+from logitcache.format.manifest import SourceInfo, TargetsInfo
+from logitcache.report import verify_cache
+from logitcache.store import CacheHeader, CacheReader, CacheWriter, finalize_cache
+
+BACKENDS = ["zarr", "arrow"]
+
+
+def header(
+    backend: str, k: int = 4, vocab: int = 50, seq_len: int = 8, **kw: object
+) -> CacheHeader:
+    values = str(kw.pop("values", "float32"))
+    return CacheHeader(
+        codec=TopKCodec(k=k, vocab_size=vocab, values=values),
+        targets=TargetsInfo(method="topk", k=k),
+        seq_len=seq_len,
+        vocab_size=vocab,
+        padded_vocab_size=vocab + 14,
+        backend=backend,  # type: ignore[arg-type]
+        teacher=SourceInfo(name="tiny", fingerprint="ab" * 32),
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def make_batches(seed: int, n_batches: int, rows: int, seq_len: int, k: int, vocab: int):
+    rng = np.random.default_rng(seed)
+    out = []
+    for b in range(n_batches):
+        ids = rng.integers(0, vocab, (rows, seq_len))
+        mask = rng.random((rows, seq_len)) > 0.3
+        t = topk_targets(rng, int(mask.sum()), k, vocab)
+        out.append((np.arange(b * rows, (b + 1) * rows) + 1000, ids, mask, t))
+    return out
+
+
+def write_cache(url: str, hdr: CacheHeader, batches, shard_bytes: int = 1500, **kw) -> None:
+    with CacheWriter(url, hdr, shard_bytes=shard_bytes, **kw) as w:
+        for rid, ids, mask, t in batches:
+            w.write(rid, ids, mask, t)
+
+
+def shard_file(cache: Path, reader_or_none=None) -> Path:
+    """The biggest data file of the first shard (the one worth damaging)."""
+    m = json.loads((cache / "manifest.json").read_text())
+    files = m["shards"][0]["files"]
+    return cache / max(files, key=lambda f: f["bytes"])["path"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_round_trip_many_shards(tmp_path: Path, backend: str) -> None:
+    batches = make_batches(0, 6, 3, 8, 4, 50)
+    url = str(tmp_path / "c")
+    write_cache(url, header(backend), batches)
+    r = CacheReader(url)
+    assert r.num_rows == 18 and r.num_shards > 2
+    rows = r.read_rows(0, 18)  # spans every shard
+    assert np.array_equal(rows.row_id, np.concatenate([b[0] for b in batches]))
+    assert np.array_equal(rows.input_ids, np.concatenate([b[1] for b in batches]))
+    assert np.array_equal(rows.loss_mask, np.concatenate([b[2] for b in batches]))
+    want_ids = np.concatenate([b[3].ids for b in batches])
+    want_lp = np.concatenate([b[3].logprobs for b in batches])
+    # the codec sorts ids within a position; compare as id -> logprob maps
+    order = np.argsort(want_ids, axis=1)
+    assert np.array_equal(rows.targets.ids, np.take_along_axis(want_ids, order, 1))
+    assert np.array_equal(rows.targets.logprobs, np.take_along_axis(want_lp, order, 1))
+    # sequential iteration equals random access
+    it = list(r.iter_rows(batch_rows=2))
+    assert np.array_equal(np.concatenate([x.row_id for x in it]), rows.row_id)
+    # addressing by (row id, position)
+    rid, pos = 1007, int(np.flatnonzero(batches[2][2][1])[0])
+    one = r.targets_at(rid, pos)
+    j = r.find(rid)
+    p = int(rows.position_offsets[j]) + int(rows.loss_mask[j, :pos].sum())
+    assert one is not None and np.array_equal(one.ids[0], rows.targets.ids[p])
+    masked = np.flatnonzero(~batches[2][2][1])
+    if masked.size:
+        assert r.targets_at(rid, int(masked[0])) is None
+    assert verify_cache(url).rows == 18
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sampled_round_trip(tmp_path: Path, backend: str) -> None:
+    SampledCodec = pytest.importorskip("logitcache.format.sampled").SampledCodec
+    rng = np.random.default_rng(1)
+    hdr = CacheHeader(
+        codec=SampledCodec(n=20, vocab_size=60),
+        targets=TargetsInfo(method="sampled", samples=20, tail="none"),
+        seq_len=5,
+        vocab_size=60,
+        padded_vocab_size=64,
+        backend=backend,  # type: ignore[arg-type]
+    )
+    batches = []
+    for b in range(4):
+        mask = rng.random((3, 5)) > 0.4
+        batches.append(
+            (
+                np.arange(3) + 3 * b,
+                rng.integers(0, 60, (3, 5)),
+                mask,
+                sampled_targets(rng, int(mask.sum()), 20, 60, with_logprobs=False),
+            )
+        )
+    url = str(tmp_path / "s")
+    write_cache(url, hdr, batches, shard_bytes=400)
+    r = CacheReader(url)
+    assert r.num_shards > 1
+    t = r.read_rows(0, 12).targets
+    assert np.array_equal(t.num_unique, np.concatenate([b[3].num_unique for b in batches]))
+    assert np.array_equal(t.ids, np.concatenate([b[3].ids for b in batches]))
+    assert np.array_equal(t.counts, np.concatenate([b[3].counts for b in batches]))
+    # a run of rows in the middle carries exactly its entries
+    mid = r.read_rows(4, 9).targets
+    off = np.concatenate([[0], np.cumsum([b[2].sum() for b in batches])])
+    assert mid.num_positions == int(r.read_rows(4, 9).loss_mask.sum())
+    assert off[-1] == t.num_positions
+    assert verify_cache(url).shards == r.num_shards
+
+
+@settings(
+    max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    backend=st.sampled_from(BACKENDS),
+    seq_len=st.integers(1, 6),
+    rows=st.integers(0, 4),
+    vocab=st.sampled_from([3, 17, 262_144]),
+    k=st.integers(1, 3),
+    mask_p=st.sampled_from([0.0, 0.5, 1.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_round_trip_odd_shapes(
+    tmp_path_factory: pytest.TempPathFactory,
+    backend: str,
+    seq_len: int,
+    rows: int,
+    vocab: int,
+    k: int,
+    mask_p: float,
+    seed: int,
+) -> None:
+    rng = np.random.default_rng(seed)
+    k = min(k, vocab)
+    url = str(tmp_path_factory.mktemp("h") / "c")
+    mask = rng.random((rows, seq_len)) < mask_p
+    p = int(mask.sum())
+    if vocab > 1000:  # large vocab: ids near the top, built without a dense softmax
+        top = np.arange(vocab - 64, vocab)
+        ids = np.zeros((p, k), int)
+        for i in range(p):
+            ids[i] = rng.choice(top, k, replace=False)
+        lp = np.log(np.full((p, k), 0.9 / k))
+        from logitcache.format.targets import TopKTargets
+
+        t = TopKTargets(
+            ids.astype(np.int32),
+            lp.astype(np.float32),
+            np.full(p, np.log(0.1), np.float32),
+            np.zeros((p, 0), np.float32),
+        )
+    else:
+        t = topk_targets(rng, p, k, vocab)
+    hdr = header(backend, k=k, vocab=vocab, seq_len=seq_len)
+    input_ids = rng.integers(0, vocab, (rows, seq_len))
+    write_cache(url, hdr, [(np.arange(rows), input_ids, mask, t)])
+    r = CacheReader(url)
+    got = r.read_rows(0, rows)
+    assert np.array_equal(got.input_ids, input_ids) and np.array_equal(got.loss_mask, mask)
+    order = np.argsort(t.ids, axis=1)
+    assert np.array_equal(got.targets.ids, np.take_along_axis(t.ids, order, 1))
+    assert np.array_equal(got.targets.logprobs, np.take_along_axis(t.logprobs, order, 1))
+    assert np.array_equal(got.targets.tail_logprob, t.tail_logprob)
+
+
+def test_memory_url() -> None:
+    url = "memory://logitcache-test/cache"
+    write_cache(url, header("zarr"), make_batches(2, 2, 2, 8, 4, 50), overwrite=True)
+    assert CacheReader(url).num_rows == 4
+
+
+# -- failure and damage ------------------------------------------------------------------------
+
+
+@pytest.fixture(params=BACKENDS)
+def cache(request: pytest.FixtureRequest, tmp_path: Path) -> Path:
+    url = tmp_path / "c"
+    write_cache(str(url), header(request.param), make_batches(3, 4, 3, 8, 4, 50))
+    return url
+
+
+def test_flipped_byte_is_named(cache: Path) -> None:
+    f = shard_file(cache)
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    f.write_bytes(bytes(data))
+    with pytest.raises(ChecksumMismatchError, match=r"shard shards/00000\.\w+: file .* checksum"):
+        CacheReader(str(cache)).read_rows(0, 1)
+    with pytest.raises(CacheCorruptError, match=r"shards/00000"):
+        verify_cache(str(cache))
+
+
+def test_flipped_byte_without_verification_is_still_caught_on_zarr(tmp_path: Path) -> None:
+    url = tmp_path / "c"
+    write_cache(str(url), header("zarr"), make_batches(3, 4, 3, 8, 4, 50))
+    f = shard_file(url)
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    f.write_bytes(bytes(data))
+    # sizes still match, digest not checked: the zstd frame checksum catches it
+    with pytest.raises(CacheCorruptError, match=r"shards/00000.zarr: cannot decode"):
+        CacheReader(str(url), verify=False).read_rows(0, 1)
+
+
+def test_truncated_shard(cache: Path) -> None:
+    f = shard_file(cache)
+    f.write_bytes(f.read_bytes()[:-7])
+    with pytest.raises(ChecksumMismatchError, match="bytes but the manifest says"):
+        CacheReader(str(cache), verify=False).read_rows(0, 1)
+
+
+def test_deleted_shard(cache: Path) -> None:
+    f = shard_file(cache)
+    if f.is_file() and f.suffix == ".arrow":
+        f.unlink()
+    else:
+        shutil.rmtree(cache / "shards" / "00000.zarr")
+    with pytest.raises(ShardMissingError, match=r"shards/00000.*missing"):
+        CacheReader(str(cache)).read_rows(0, 1)
+
+
+def test_deleted_manifest_reads_as_incomplete(cache: Path) -> None:
+    (cache / "manifest.json").unlink()
+    with pytest.raises(CacheIncompleteError, match="incomplete cache"):
+        CacheReader(str(cache))
+
+
+def test_missing_cache(tmp_path: Path) -> None:
+    with pytest.raises(CacheNotFoundError, match="does not exist"):
+        CacheReader(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CacheNotFoundError, match=r"manifest\.json is missing"):
+        CacheReader(str(tmp_path / "empty"))
+
+
+def test_corrupt_manifest_json(cache: Path) -> None:
+    m = cache / "manifest.json"
+    m.write_text(m.read_text()[:-40])
+    with pytest.raises(ManifestError, match="not valid JSON"):
+        CacheReader(str(cache))
+
+
+def _edit_manifest(cache: Path, fn) -> None:
+    m = cache / "manifest.json"
+    d = json.loads(m.read_text())
+    fn(d)
+    m.write_text(json.dumps(d))
+
+
+@pytest.mark.parametrize("bad", ["../outside.zarr", "/etc/passwd", "shards/../../x", "s3://b/x"])
+def test_unsafe_paths_refused(cache: Path, bad: str) -> None:
+    def edit(d: dict) -> None:
+        d["shards"][0]["files"][0]["path"] = bad
+
+    _edit_manifest(cache, edit)
+    with pytest.raises(UnsafePathError, match="not a plain relative path"):
+        CacheReader(str(cache))
+
+
+def test_unknown_major_version_refused(cache: Path) -> None:
+    _edit_manifest(cache, lambda d: d.update(format_version="2.0"))
+    with pytest.raises(FormatVersionError, match=r"format version 2.0 is not readable"):
+        CacheReader(str(cache))
+
+
+def test_newer_minor_version_with_extra_fields_reads(cache: Path) -> None:
+    _edit_manifest(cache, lambda d: d.update(format_version="1.9", future_field={"x": 1}))
+    assert CacheReader(str(cache)).num_rows == 12
+
+
+def test_manifest_row_counts_must_agree(cache: Path) -> None:
+    _edit_manifest(cache, lambda d: d.update(num_rows=999))
+    with pytest.raises(ManifestError, match="num_rows: says 999"):
+        CacheReader(str(cache))
+
+
+def test_shard_rows_disagreeing_with_manifest(cache: Path) -> None:
+    def edit(d: dict) -> None:
+        d["shards"][0]["rows"] += 1
+        d.pop("num_rows")
+
+    _edit_manifest(cache, edit)
+    with pytest.raises(CacheCorruptError, match=r"shards/00000.*manifest says"):
+        CacheReader(str(cache)).read_rows(0, 1)
+
+
+# -- writer protocol ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_interrupted_writer_leaves_no_manifest_and_resume_is_identical(
+    tmp_path: Path, backend: str
+) -> None:
+    batches = make_batches(4, 8, 3, 8, 4, 50)
+    hdr = header(backend)
+    straight = tmp_path / "straight"
+    write_cache(str(straight), hdr, batches)
+
+    broken = tmp_path / "broken"
+    with (
+        pytest.raises(RuntimeError, match="boom") as exc,
+        CacheWriter(str(broken), hdr, shard_bytes=1500) as w,
+    ):
+        for i, (rid, ids, mask, t) in enumerate(batches):
+            if i == 5:
+                raise RuntimeError("boom")
+            w.write(rid, ids, mask, t)
+    assert any("NOT committed" in n for n in getattr(exc.value, "__notes__", []))
+    assert not (broken / "manifest.json").exists()
+    with pytest.raises(CacheIncompleteError):
+        CacheReader(str(broken))
+    with pytest.raises(CacheIncompleteError, match="--resume"):
+        CacheWriter(str(broken), hdr, shard_bytes=1500)
+
+    with CacheWriter(str(broken), hdr, shard_bytes=1500, resume=True) as w:
+        done = w.resumed_rows
+        assert 0 < done < 15
+        rows = [np.concatenate(x) for x in zip(*[(b[0], b[1], b[2]) for b in batches], strict=True)]
+        all_t = [b[3] for b in batches]
+        # re-feed the stream from the first row not committed, in differently sized batches
+        pos = np.concatenate([[0], np.cumsum([t.num_positions for t in all_t])])
+        from logitcache.format.targets import TopKTargets
+
+        cat = TopKTargets(
+            *(
+                np.concatenate([getattr(t, f) for t in all_t])
+                for f in ("ids", "logprobs", "tail_logprob", "temperature_lognorm")
+            )
+        )
+        pos_per_row = rows[2].sum(axis=1)
+        row_pos = np.concatenate([[0], np.cumsum(pos_per_row)])
+        for s in range(done, len(rows[0]), 5):
+            e = min(s + 5, len(rows[0]))
+            p0, p1 = row_pos[s], row_pos[e]
+            w.write(
+                rows[0][s:e],
+                rows[1][s:e],
+                rows[2][s:e],
+                TopKTargets(
+                    cat.ids[p0:p1],
+                    cat.logprobs[p0:p1],
+                    cat.tail_logprob[p0:p1],
+                    cat.temperature_lognorm[p0:p1],
+                ),
+            )
+        assert pos[-1] == row_pos[-1]
+    a = json.loads((straight / "manifest.json").read_text())
+    b = json.loads((broken / "manifest.json").read_text())
+    assert [s["files"] for s in a["shards"]] == [s["files"] for s in b["shards"]]
+
+
+def test_resume_refuses_changed_settings(tmp_path: Path) -> None:
+    url = str(tmp_path / "c")
+    with pytest.raises(RuntimeError), CacheWriter(url, header("zarr"), shard_bytes=1500) as w:
+        for rid, ids, mask, t in make_batches(5, 3, 3, 8, 4, 50):
+            w.write(rid, ids, mask, t)
+        raise RuntimeError("crash")
+    with pytest.raises(ConfigError, match=r"codec changed"):
+        CacheWriter(url, header("zarr", values="float16"), shard_bytes=1500, resume=True)
+
+
+def test_existing_cache_is_refused_then_overwritten(cache: Path) -> None:
+    hdr = header(CacheReader(str(cache)).manifest.backend)
+    with pytest.raises(WriterError, match="already holds a committed cache"):
+        CacheWriter(str(cache), hdr)
+    write_cache(str(cache), hdr, make_batches(9, 1, 2, 8, 4, 50), overwrite=True)
+    assert CacheReader(str(cache)).num_rows == 2
+
+
+def test_writer_validates_input(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    w = CacheWriter(str(tmp_path / "c"), header("zarr"))
+    mask = np.ones((2, 8), bool)
+    t = topk_targets(rng, 16, 4, 50)
+    with pytest.raises(WriterError, match=r"input_ids must be \[rows=2, seq_len=8\]"):
+        w.write(np.arange(2), np.zeros((2, 7), int), mask, t)
+    with pytest.raises(WriterError, match="targets hold 16 positions but loss_mask selects 15"):
+        m2 = mask.copy()
+        m2[0, 0] = False
+        w.write(np.arange(2), np.zeros((2, 8), int), m2, t)
+    with pytest.raises(WriterError, match=r"input_ids must lie in \[0, 64\)"):
+        w.write(np.arange(2), np.full((2, 8), 64), mask, t)
+    bad = topk_targets(rng, 16, 4, 50)
+    bad.ids[0, 0] = 50
+    with pytest.raises(Exception, match="50"):
+        w.write(np.arange(2), np.zeros((2, 8), int), mask, bad)
+    w.abort()
+    assert not (tmp_path / "c" / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_parts_finalize_in_order(tmp_path: Path, backend: str) -> None:
+    url = str(tmp_path / "c")
+    hdr = header(backend)
+    b0, b1 = make_batches(6, 2, 2, 8, 4, 50), make_batches(7, 3, 2, 8, 4, 50)
+    write_cache(url, hdr, b1, part="rank00001")
+    with pytest.raises(CacheIncompleteError, match="part 'rank00000' has not completed"):
+        finalize_cache(url, ["rank00000", "rank00001"])
+    with pytest.raises(CacheIncompleteError):
+        CacheReader(url)
+    write_cache(url, hdr, b0, part="rank00000")
+    m = finalize_cache(url, ["rank00000", "rank00001"])
+    assert m.num_rows == 10
+    r = CacheReader(url)
+    want = np.concatenate([b[0] for b in b0 + b1])
+    assert np.array_equal(r.read_rows(0, 10).row_id, want)
+    assert all(os.path.basename(s.path).startswith("rank0000") for s in m.shards)
+
+
+def test_finalize_refuses_disagreeing_parts(tmp_path: Path) -> None:
+    url = str(tmp_path / "c")
+    write_cache(url, header("zarr"), make_batches(6, 1, 2, 8, 4, 50), part="a")
+    write_cache(url, header("zarr", k=3), make_batches(6, 1, 2, 8, 3, 50), part="b")
+    with pytest.raises(ConfigError, match=r"part 'b' differs from part 'a' in (codec|targets)"):
+        finalize_cache(url, ["a", "b"])
