@@ -1,0 +1,179 @@
+"""Helpers behind :mod:`logitcache.teacher`: devices, dtypes, weight hashes, the split-off head.
+
+The head is split off by convention (``get_decoder()`` gives final hidden states,
+``get_output_embeddings()`` the projection) and then *checked*: a probe compares the split path with
+the model's own forward, so an unknown logit post-processing in some architecture is caught at load
+time (and handled by falling back to full logits) instead of silently changing the targets.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from logitcache.errors import ConfigError
+
+_DTYPES = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "float": torch.float32,
+}
+
+
+def resolve_device(device: str) -> torch.device:
+    """auto: ``cuda:$LOCAL_RANK`` (torchrun) or ``cuda`` when available, else cpu."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as e:
+        raise ConfigError(f"unknown device {device!r}: {e}") from e
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """auto: bf16 on cuda, fp32 elsewhere (bf16 matmuls on CPU are slow and no more exact)."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in _DTYPES:
+        raise ConfigError(f"unknown dtype {dtype!r}; expected auto, bf16, fp16 or fp32")
+    return _DTYPES[dtype]
+
+
+def hash_files(paths: list[str]) -> str:
+    """sha256 over (file name, size, content) of each file, in the given (sorted) order."""
+    h = hashlib.sha256()
+    for path in paths:
+        h.update(b"\0file\0" + os.path.basename(path).encode())
+        h.update(str(os.path.getsize(path)).encode())
+        with open(path, "rb") as f:
+            while block := f.read(1 << 22):
+                h.update(block)
+    return h.hexdigest()
+
+
+def hash_state_dict(model: torch.nn.Module) -> str:
+    """sha256 over (name, dtype, shape, bytes) of every state_dict tensor, sorted by name."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().reshape(-1).contiguous().cpu()
+        h.update(f"\0{name}\0{t.dtype}\0{tuple(tensor.shape)}\0".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def forward_logits(
+    model: torch.nn.Module, ids: torch.Tensor, attention: torch.Tensor | None
+) -> torch.Tensor:
+    """The model's own logits [B, S, V]: ``.logits`` of an HF output, a tuple's first item, or a
+    tensor. ``attention_mask``/``use_cache`` are passed only where the forward names them."""
+    params = inspect.signature(model.forward).parameters
+    kwargs: dict[str, Any] = {}
+    if attention is not None and "attention_mask" in params:
+        kwargs["attention_mask"] = attention
+    if "use_cache" in params:
+        kwargs["use_cache"] = False
+    out = model(ids, **kwargs)
+    if hasattr(out, "logits"):
+        out = out.logits
+    elif isinstance(out, (tuple, list)):
+        out = out[0]
+    if not isinstance(out, torch.Tensor) or out.ndim != 3:
+        raise ConfigError(
+            f"the teacher's forward returned {type(out).__name__}; expected logits [B, S, V], "
+            "a tuple starting with them, or an object with .logits"
+        )
+    return out
+
+
+@dataclass(eq=False)
+class SplitHead:
+    """Base model to final hidden states, then ``(h @ W[:real].T + b) * scale``, soft-capped."""
+
+    base: torch.nn.Module
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    scale: float | None
+    softcap: float | None
+
+    def hidden_states(self, ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+        out = forward_hidden(self.base, ids, attention)
+        return out
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        z = torch.nn.functional.linear(hidden, self.weight, self.bias).float()
+        if self.scale is not None:
+            z.mul_(self.scale)
+        if self.softcap is not None:
+            z = torch.tanh(z.div_(self.softcap)).mul_(self.softcap)
+        return z
+
+
+def forward_hidden(
+    base: torch.nn.Module, ids: torch.Tensor, attention: torch.Tensor
+) -> torch.Tensor:
+    params = inspect.signature(base.forward).parameters
+    kwargs: dict[str, Any] = {"attention_mask": attention} if "attention_mask" in params else {}
+    if "use_cache" in params:
+        kwargs["use_cache"] = False
+    out = base(ids, **kwargs)
+    hidden = getattr(out, "last_hidden_state", None)
+    if hidden is None:
+        hidden = out[0] if isinstance(out, (tuple, list)) else out
+    if not isinstance(hidden, torch.Tensor):
+        raise TypeError(f"base model returned {type(out).__name__}, not hidden states")
+    return hidden
+
+
+def split_head(
+    model: torch.nn.Module, real_vocab: int, probe: torch.Tensor, reference: torch.Tensor
+) -> SplitHead | None:
+    """The split-off head if it reproduces ``reference`` (the full forward on ``probe``), else None
+    (with a warning: the dump then materialises full logits per batch)."""
+    try:
+        out_emb = model.get_output_embeddings()  # type: ignore[operator]
+        base = model.get_decoder()  # type: ignore[operator]
+        weight = getattr(out_emb, "weight", None)
+        if base is None or base is model or not isinstance(weight, torch.Tensor):
+            raise TypeError("no separate output projection")
+        bias = getattr(out_emb, "bias", None)
+        config = getattr(model, "config", None)
+        scale = None
+        if getattr(config, "logit_scale", None) is not None:  # Cohere: multiply
+            scale = float(config.logit_scale)  # type: ignore[union-attr]
+        if getattr(config, "logits_scaling", None) is not None:  # Granite: divide
+            scale = (scale or 1.0) / float(config.logits_scaling)  # type: ignore[union-attr]
+        softcap = getattr(config, "final_logit_softcapping", None)
+        head = SplitHead(
+            base,
+            weight[:real_vocab],
+            bias[:real_vocab] if isinstance(bias, torch.Tensor) else None,
+            scale,
+            float(softcap) if softcap else None,
+        )
+        with torch.no_grad():
+            mine = head.logits(head.hidden_states(probe, torch.ones_like(probe)))
+        want = reference[..., :real_vocab].float()
+        tol = (1e-4 if weight.dtype == torch.float32 else 3e-2) * (1 + float(want.abs().max()))
+        if mine.shape != want.shape or float((mine - want).abs().max()) > tol:
+            raise ValueError("split head logits differ from the model's own logits")
+        return head
+    except Exception as e:  # any failure means: not splittable; the fallback is always correct
+        warnings.warn(
+            f"cannot split the output head off {type(model).__name__} ({e}); computing full "
+            "logits per batch instead, which needs batch x seq x vocab memory",
+            stacklevel=3,
+        )
+        return None
