@@ -10,6 +10,7 @@ from logitcache.format.manifest import (
     SourceInfo,
     TargetsInfo,
 )
+from logitcache.format.sampled import SampledCodec
 from logitcache.format.targets import SampledTargets, TopKTargets
 from logitcache.format.topk import TopKCodec
 
@@ -19,6 +20,7 @@ __all__ = [
     "Coverage",
     "FileRecord",
     "Manifest",
+    "SampledCodec",
     "SampledTargets",
     "ShardRecord",
     "SourceInfo",

@@ -25,7 +25,7 @@ from logitcache.errors import (
     UnsafePathError,
     WriterError,
 )
-from logitcache.format import TopKCodec
+from logitcache.format import SampledCodec, TopKCodec
 from logitcache.format.manifest import SourceInfo, TargetsInfo
 from logitcache.report import verify_cache
 from logitcache.store import CacheHeader, CacheReader, CacheWriter, finalize_cache
@@ -107,7 +107,6 @@ def test_round_trip_many_shards(tmp_path: Path, backend: str) -> None:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_sampled_round_trip(tmp_path: Path, backend: str) -> None:
-    SampledCodec = pytest.importorskip("logitcache.format.sampled").SampledCodec
     rng = np.random.default_rng(1)
     hdr = CacheHeader(
         codec=SampledCodec(n=20, vocab_size=60),
