@@ -80,7 +80,7 @@ class WriterError(LogitCacheError):
 
 
 class InputError(LogitCacheError, ValueError):
-    """Input data that cannot be read or tokenised (unknown column, empty, no chat template, ...)."""
+    """Input data that cannot be read or tokenised (unknown column, empty, no chat template)."""
 
 
 class InputNotFoundError(InputError, FileNotFoundError):
