@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny tokenizer and a tiny seeded Llama-style teacher (both built, not downloaded).
+"""Shared fixtures: a tiny tokenizer and a tiny seeded Llama-style teacher, built in process.
 
 ``tiny_tokenizer``: byte-level BPE trained on a few sentences (~300 ids) with ``<pad>``, ``<eos>``
 and chat role tokens, and a simple chat template
@@ -55,7 +55,7 @@ def build_tiny_llama(vocab_size: int = TINY_PADDED_VOCAB, seed: int = 0, **overr
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(
+    settings: dict[str, Any] = dict(
         vocab_size=vocab_size,
         hidden_size=32,
         intermediate_size=64,
@@ -68,8 +68,8 @@ def build_tiny_llama(vocab_size: int = TINY_PADDED_VOCAB, seed: int = 0, **overr
         pad_token_id=0,
         eos_token_id=1,
         bos_token_id=None,
-        **overrides,
     )
+    config = LlamaConfig(**{**settings, **overrides})
     torch.manual_seed(seed)
     return LlamaForCausalLM(config).eval()
 
