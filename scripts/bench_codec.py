@@ -2,13 +2,16 @@
 
     python scripts/bench_codec.py [--data ../shared/data/smollm2_pydoc_top256.npz] [--tile 32]
 
-Bytes are what the store writes: each array's raw little-endian bytes through zstd level 3
-(numcodecs ``Zstd(level=3)``), measured on the 2048 real positions (not tiled: repeats would
-flatter zstd). Speeds are measured on the positions tiled ``--tile`` times, compressed in chunks of
+Bytes are what the store writes: each array's raw little-endian bytes through zstd at the
+store's default level (``DEFAULT_COMPRESSION_LEVEL``, 15; numcodecs ``Zstd``), measured on the
+2048 real positions (not tiled: repeats would flatter zstd). Speeds are measured on the positions
+tiled ``--tile`` times, compressed in chunks of
 one tile (so no chunk holds a repeat), on one core, best of 3: encode = codec.encode + zstd,
 decode = zstd decompress + codec.decode. Naive baselines, measured in the same run: top-k = int32
 ids + float16 log-probs + float16 tail; sampled = int32 ids + uint16 counts + int32 num_unique.
 Quantisation KL = KL(exact || decoded) over the k stored ids plus a tail bucket, nats/token.
+Bytes at other zstd levels (the writer's ``compression_level``) are printed too, with the raw
+encode throughput each costs: the level trades dump-side CPU for bytes, never fidelity.
 The last line is one JSON object with the headline figures.
 """
 
@@ -26,14 +29,30 @@ from numcodecs import Zstd
 from logitcache.format.sampled import SampledCodec
 from logitcache.format.targets import SampledTargets, TopKTargets
 from logitcache.format.topk import TopKCodec
+from logitcache.store.writer import DEFAULT_COMPRESSION_LEVEL
 
-ZSTD = Zstd(level=3)
+LEVEL = DEFAULT_COMPRESSION_LEVEL
+ZSTD = Zstd(level=LEVEL)
+OTHER_LEVELS = (3, 9, LEVEL)
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared/data/smollm2_pydoc_top256.npz"
 Arrays = dict[str, np.ndarray]
 
 
-def zbytes(arrays: Arrays) -> int:
-    return sum(len(ZSTD.encode(np.ascontiguousarray(a).tobytes())) for a in arrays.values())
+def zbytes(arrays: Arrays, level: int = LEVEL) -> int:
+    z = ZSTD if level == LEVEL else Zstd(level=level)
+    return sum(len(z.encode(np.ascontiguousarray(a).tobytes())) for a in arrays.values())
+
+
+def by_level(arrays: Arrays, entries: int) -> dict[str, float]:
+    """Bytes per entry at several zstd levels (the store's ``compression_level`` option), and
+    the raw encode throughput each costs, MB/s on one core."""
+    out: dict[str, float] = {}
+    raw = sum(a.nbytes for a in arrays.values())
+    for level in OTHER_LEVELS:
+        t0 = time.perf_counter()
+        out[f"zstd{level}_bytes_per_entry"] = zbytes(arrays, level) / entries
+        out[f"zstd{level}_mb_per_s"] = raw / (time.perf_counter() - t0) / 1e6
+    return out
 
 
 def compress(arrays: Arrays, pieces: int) -> dict[str, tuple[list[bytes], str, tuple]]:
@@ -129,6 +148,7 @@ def bench_topk(ids: np.ndarray, lp: np.ndarray, vocab: int, k: int, reps: int) -
         "levels": codec.levels,
         "bytes_per_entry": zbytes(enc) / t.ids.size,
         "bytes_per_token": zbytes(enc) / p,
+        **by_level(enc, t.ids.size),
         "naive_bytes_per_entry": zbytes(naive) / t.ids.size,
         "quant_kl": quant_kl(t, tail, dec.ids, dec.logprobs, dec.tail_logprob),
         "expected_kl": codec.expected_kl(),
@@ -204,6 +224,7 @@ def bench_sampled(ids: np.ndarray, lp: np.ndarray, vocab: int, n: int, reps: int
         "n": n,
         "mean_unique": e / t.num_positions,
         "bytes_per_entry": zbytes(enc) / e,
+        **by_level(enc, e),
         "bytes_per_token": zbytes(enc) / t.num_positions,
         "bytes_per_entry_with_uint8_logprobs": zbytes(codec_lp.encode(t)) / e,
         "naive_bytes_per_entry": zbytes(naive) / e,
@@ -252,11 +273,25 @@ def main() -> None:
             f"{r['naive_decode_pos_s']:>10.3g}"
         )
     k64, s50 = top[2], smp[1]
+    print("\nzstd level (store option compression_level): bytes/entry (raw encode MB/s, 1 core)")
+    for name, r in (("top-64", k64), ("sampled-50", s50)):
+        print(
+            f"{name:>10}: "
+            + ", ".join(
+                f"level {lv} {r[f'zstd{lv}_bytes_per_entry']:.3f} "
+                f"({r[f'zstd{lv}_mb_per_s']:.1f} MB/s)"
+                for lv in OTHER_LEVELS
+            )
+        )
     summary = {
         "topk64_bytes_per_entry": round(k64["bytes_per_entry"], 4),
         "topk64_quant_kl": float(f"{k64['quant_kl']:.4g}"),
         "sampled50_bytes_per_entry": round(s50["bytes_per_entry"], 4),
         "decode_positions_per_s_k64": round(k64["decode_pos_s"]),
+        "compression_level": LEVEL,
+        "zstd_encode_mb_per_s_k64": round(k64[f"zstd{LEVEL}_mb_per_s"], 2),
+        "topk64_bytes_per_entry_zstd3": round(k64["zstd3_bytes_per_entry"], 4),
+        "sampled50_bytes_per_entry_zstd3": round(s50["zstd3_bytes_per_entry"], 4),
         "decode_vs_naive_k64": round(k64["decode_pos_s"] / k64["naive_decode_pos_s"], 3),
         "topk_bytes_per_entry": {r["k"]: round(r["bytes_per_entry"], 4) for r in top},
         "topk_quant_kl": {r["k"]: float(f"{r['quant_kl']:.4g}") for r in top},
