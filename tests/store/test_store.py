@@ -198,6 +198,46 @@ def test_round_trip_odd_shapes(
     assert np.array_equal(got.targets.tail_logprob, t.tail_logprob)
 
 
+@settings(
+    max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    backend=st.sampled_from(BACKENDS),
+    seq_len=st.integers(1, 5),
+    rows=st.integers(0, 4),
+    vocab=st.sampled_from([3, 17, 262_144]),
+    n=st.integers(1, 40),
+    mask_p=st.sampled_from([0.0, 0.5, 1.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_sampled_round_trip_odd_shapes(
+    tmp_path_factory: pytest.TempPathFactory,
+    backend: str,
+    seq_len: int,
+    rows: int,
+    vocab: int,
+    n: int,
+    mask_p: float,
+    seed: int,
+) -> None:
+    rng = np.random.default_rng(seed)
+    url = str(tmp_path_factory.mktemp("s") / "c")
+    mask = rng.random((rows, seq_len)) < mask_p
+    t = sampled_targets(rng, int(mask.sum()), n, vocab, with_logprobs=False)
+    hdr = CacheHeader(
+        codec=SampledCodec(n=n, vocab_size=vocab),
+        targets=TargetsInfo(method="sampled", samples=n, tail="none"),
+        seq_len=seq_len,
+        vocab_size=vocab,
+        padded_vocab_size=vocab,
+        backend=backend,  # type: ignore[arg-type]
+    )
+    write_cache(url, hdr, [(np.arange(rows), rng.integers(0, vocab, (rows, seq_len)), mask, t)])
+    got = CacheReader(url).read_rows(0, rows).targets
+    assert np.array_equal(got.num_unique, t.num_unique)
+    assert np.array_equal(got.ids, t.ids) and np.array_equal(got.counts, t.counts)
+
+
 def test_memory_url() -> None:
     url = "memory://logitcache-test/cache"
     write_cache(url, header("zarr"), make_batches(2, 2, 2, 8, 4, 50), overwrite=True)
