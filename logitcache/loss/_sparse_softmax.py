@@ -39,6 +39,13 @@ def _support_masked(x: Tensor, ids: Tensor, in_support: Tensor) -> Tensor:
     return x.scatter_reduce_(1, ids, fill, reduce="amin")
 
 
+def _logsumexp_(x: Tensor) -> Tensor:
+    """``logsumexp(x, -1)`` that overwrites ``x`` instead of allocating an [n, V] temporary."""
+    m = x.amax(dim=-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    return x.sub_(m).exp_().sum(-1).log_().add_(m.squeeze(-1))
+
+
 def sparse_log_softmax_stats(
     s: Tensor, ids: Tensor, in_support: Tensor, with_tail: bool
 ) -> tuple[Tensor, Tensor | None]:
@@ -46,7 +53,7 @@ def sparse_log_softmax_stats(
     lse = torch.logsumexp(s, dim=-1)
     if not with_tail:
         return lse, None
-    lse_tail = torch.logsumexp(_support_masked(s.clone(), ids, in_support), dim=-1)
+    lse_tail = _logsumexp_(_support_masked(s.clone(), ids, in_support))
     return lse, lse_tail
 
 

@@ -16,8 +16,10 @@ The per-chunk loss is the same code as the plain path (``student_row_losses`` pi
 agree to float32 rounding; the gradient of the small per-row loss comes from autograd on [n, j]
 tensors and the [n, V] part from the hand-written backward in ``_sparse_softmax``.
 
-Limits: backward runs once (``once_differentiable``; the accumulators are scaled in place), and
-no double backward.
+Limits: one backward per forward (the weight-sized accumulator is scaled in place rather than
+copied, which would double the peak; a second backward raises), and no double backward. So
+``torch.autograd.gradcheck`` cannot run on it directly; the tests check it against the plain
+path in float64 instead, whose gradient is gradchecked.
 """
 
 from __future__ import annotations
@@ -129,6 +131,12 @@ class _FusedLinearKD(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_out: Tensor | None) -> tuple[Tensor | None, ...]:
+        if ctx.grads is None:
+            raise RuntimeError(
+                "fused_linear_kd_loss supports one backward per forward (its gradient "
+                "accumulators are scaled in place); fix: run the forward again instead of "
+                "retain_graph=True, or use kd_loss on logits"
+            )
         grad_h, grad_w, grad_b = ctx.grads
         ctx.grads = None
         if grad_out is None:

@@ -193,9 +193,7 @@ def _kd_rows(cfg: KDConfig, lq: Tensor, lt: Tensor, tg: PreparedTargets, k: int)
     else:  # jsd
         b = cfg.beta
         lm = torch.logaddexp(lp_all + math.log(b), lq_all + math.log1p(-b))
-        terms = b * torch.exp(lp_all) * (lp_all - lm) + (1 - b) * torch.exp(lq_all) * (
-            lq_all - lm
-        )
+        terms = b * torch.exp(lp_all) * (lp_all - lm) + (1 - b) * torch.exp(lq_all) * (lq_all - lm)
     return torch.where(exists, terms, torch.zeros_like(terms)).sum(-1)
 
 

@@ -60,8 +60,10 @@ def tail_logprob_from_logprobs(logprobs: Tensor) -> Tensor:
 
 
 def _check_2d(name: str, t: Tensor, rows: int | None, cols: int | None) -> None:
-    if t.dim() != 2 or (rows is not None and t.shape[0] != rows) or (
-        cols is not None and t.shape[1] != cols
+    if (
+        t.dim() != 2
+        or (rows is not None and t.shape[0] != rows)
+        or (cols is not None and t.shape[1] != cols)
     ):
         raise ConfigError(
             f"teacher {name} must have shape [N, k] matching the ids "

@@ -82,7 +82,7 @@ def dense_loss(
 ) -> Tensor:
     """Per-row reference loss [N] in float64, differentiable in ``logits``."""
     z = logits.double()
-    n, vocab = z.shape
+    vocab = z.shape[1]
     q = torch.softmax(z / temperature, -1)
     if isinstance(t, SampledTeacher):
         w = t.weights(temperature).double()
@@ -94,6 +94,10 @@ def dense_loss(
         p_i, p_t = teacher_coarse(t, temperature)
         q_i = torch.where(valid, q.gather(1, ids), torch.zeros_like(p_i))
         q_t = (q * ~inside).sum(-1)
+        # No complement (k = V): the tail class does not exist; (1, 1) contributes exactly 0.
+        has_tail = (~inside).any(-1)
+        p_t = torch.where(has_tail, p_t, torch.ones_like(p_t))
+        q_t = torch.where(has_tail, q_t, torch.ones_like(q_t))
         if loss == "kl-renorm":
             pn = p_i / p_i.sum(-1, keepdim=True)
             qn = q_i / q_i.sum(-1, keepdim=True)
@@ -117,7 +121,9 @@ def dense_loss(
     return out
 
 
-def sampled_teacher(p: Tensor, draws: int, seed: int, with_logprobs: bool = False) -> SampledTeacher:
+def sampled_teacher(
+    p: Tensor, draws: int, seed: int, with_logprobs: bool = False
+) -> SampledTeacher:
     """``draws`` samples per row from ``p``, as unique ids with counts, padded with id 0 count 0."""
     g = torch.Generator().manual_seed(seed)
     samples = torch.multinomial(p.float(), draws, replacement=True, generator=g)
