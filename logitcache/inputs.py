@@ -63,6 +63,7 @@ from logitcache._input_readers import (
     tokenizer_vocab_size,
 )
 from logitcache.errors import ConfigError, InputError
+from logitcache.fingerprint import tokenizer_fingerprint
 
 __all__ = [
     "InputOptions",
@@ -344,25 +345,4 @@ def dataset_fingerprint(source: str, options: InputOptions, *, quick: bool = Fal
         with src.fs.open(path, "rb") as f:
             while block := f.read(1 << 20):
                 h.update(block)
-    return h.hexdigest()
-
-
-def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """sha256 (hex) over the tokenizer's vocab, merges, special tokens and chat template.
-
-    Fast tokenizers are hashed through their full serialised JSON, re-dumped with sorted keys so
-    the result is stable across processes and library versions that only reorder keys.
-    """
-    h = hashlib.sha256()
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        state: Any = json.loads(backend.to_str())
-    else:
-        state = {"vocab": sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])}
-    extra = {
-        "len": len(tokenizer),
-        "special": {str(k): str(v) for k, v in tokenizer.special_tokens_map.items()},
-        "chat_template": getattr(tokenizer, "chat_template", None),
-    }
-    h.update(json.dumps({"state": state, "extra": extra}, sort_keys=True).encode())
     return h.hexdigest()
