@@ -3,7 +3,7 @@
 from logitcache.store.backends import BACKENDS
 from logitcache.store.base import ShardData
 from logitcache.store.reader import CacheReader, Rows, read_manifest
-from logitcache.store.writer import CacheHeader, CacheWriter, finalize_cache
+from logitcache.store.writer import CacheHeader, CacheWriter, check_output, finalize_cache
 
 __all__ = [
     "BACKENDS",
@@ -12,6 +12,7 @@ __all__ = [
     "CacheWriter",
     "Rows",
     "ShardData",
+    "check_output",
     "finalize_cache",
     "read_manifest",
 ]

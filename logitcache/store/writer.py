@@ -53,7 +53,13 @@ from logitcache.store.base import (
     slice_rows,
 )
 
-__all__ = ["DEFAULT_COMPRESSION_LEVEL", "CacheHeader", "CacheWriter", "finalize_cache"]
+__all__ = [
+    "DEFAULT_COMPRESSION_LEVEL",
+    "CacheHeader",
+    "CacheWriter",
+    "check_output",
+    "finalize_cache",
+]
 
 log = logging.getLogger("logitcache")
 
@@ -358,14 +364,14 @@ class CacheWriter:
                 f"cannot resume {self.loc.url}: its progress record {self._progress} is "
                 f"unreadable ({e}); start again with --overwrite"
             ) from e
-        ours = self.header.fingerprint_dict()
-        for key in sorted(set(ours) | set(record["header"])):
-            if ours.get(key) != record["header"].get(key):
-                raise ConfigError(
-                    f"cannot resume {self.loc.url}: {key} changed (cache has "
-                    f"{record['header'].get(key)!r}, this run has {ours.get(key)!r}); rerun with "
-                    "the original settings, or start again with --overwrite"
-                )
+        changed = _first_difference(record["header"], self.header.fingerprint_dict())
+        if changed is not None:
+            path, theirs, ours = changed
+            raise ConfigError(
+                f"cannot resume {self.loc.url}: {path.split('.')[0]} changed ({path}: cache has "
+                f"{theirs!r}, this run has {ours!r}); rerun with the original settings, or start "
+                "again with --overwrite"
+            )
         if record.get("shard_bytes") != self.shard_bytes:
             raise ConfigError(
                 f"cannot resume {self.loc.url}: shard_bytes changed "
@@ -430,6 +436,37 @@ class CacheWriter:
         log.warning(msg)
         if ev is not None:
             ev.add_note(msg)
+
+
+def _first_difference(old: Any, new: Any, where: str = "") -> tuple[str, Any, Any] | None:
+    """The dotted path of the first leaf where two JSON-like values differ, with both values."""
+    if isinstance(old, Mapping) and isinstance(new, Mapping):
+        for key in sorted(set(old) | set(new)):
+            sub = _first_difference(old.get(key), new.get(key), f"{where}.{key}" if where else key)
+            if sub is not None:
+                return sub
+        return None
+    return None if old == new else (where or "header", old, new)
+
+
+def check_output(
+    url: str,
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    clear: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
+) -> None:
+    """Refuse ``url`` as a new cache's output the way :class:`CacheWriter` would, before any
+    work is done: a committed cache needs ``overwrite``; shards of an unfinished dump need
+    ``resume`` or ``overwrite``. With ``overwrite`` and ``clear`` the old contents are removed
+    (one process of a multi-writer dump does this, then the writers start with ``part=...``)."""
+    if overwrite and resume:
+        raise ConfigError("overwrite and resume exclude each other; pick one")
+    loc = open_location(url, storage_options)
+    if overwrite and not clear:
+        return
+    _refuse_existing(loc, overwrite, resume)
 
 
 def _row_bytes(data: ShardData, specs: Sequence[Any], count_array: str | None) -> np.ndarray:
