@@ -122,10 +122,11 @@ def seconds(fn: Callable[[Case], None], c: Case, device: str) -> float:
 def bench(c: Case, device: str, reps: int) -> dict[str, float]:
     mem_plain, t0_plain = peak_bytes(run_plain, c, device)  # doubles as warm-up
     mem_fused, t0_fused = peak_bytes(run_fused, c, device)
-    # With reps=0 the profiled runs give the times: the profiler costs little on a handful of
-    # huge ops (compare time_*_profiled_s with time_*_s when reps > 0).
-    t_plain: list[float] = [] if reps else [t0_plain]
-    t_fused: list[float] = [] if reps else [t0_fused]
+    # The profiled runs count as timed runs too: the profiler costs little on a handful of huge
+    # ops (compare time_*_profiled_s with the others), and the minimum over runs is the figure
+    # least disturbed by other load on a shared machine.
+    t_plain: list[float] = [t0_plain]
+    t_fused: list[float] = [t0_fused]
     for _ in range(reps):  # interleaved, so load changes on a shared machine hit both sides
         t_plain.append(seconds(run_plain, c, device))
         t_fused.append(seconds(run_fused, c, device))
