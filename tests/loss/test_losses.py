@@ -212,3 +212,16 @@ def test_module_mean_and_config_errors():
         TopKTeacher(t.ids, t.logprobs[:, :2])
     with pytest.raises(ConfigError, match="log-probs"):
         kd_loss(z, SampledTeacher(t.ids, torch.ones(8, 4)), loss="sampled-ce", temperature=2.0)
+
+
+def test_loss_package_imports_only_torch_and_errors():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, logitcache.loss; "
+        "print(','.join(m for m in sys.modules if m.startswith('logitcache.')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    mods = set(out.stdout.strip().split(","))
+    assert {m for m in mods if not m.startswith("logitcache.loss")} <= {"logitcache.errors"}
