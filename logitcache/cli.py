@@ -252,7 +252,7 @@ def dump(**opts: Any) -> None:
         chunk_bytes=max(1, int(opts["chunk_mb"] * (1 << 20))),
         resume=opts["resume"],
         overwrite=opts["overwrite"],
-        storage_options=_storage_options(opts["storage_options"]),
+        storage_options=parse_storage_options(opts["storage_options"]),
         count_rows=not opts["no_count"],
         quick_fingerprint=opts["quick_fingerprint"],
     )
@@ -276,7 +276,7 @@ def finalize(cache: str, world_size: int, storage_options: tuple[str, ...]) -> N
     (launched without torchrun's rendezvous). Refuses while a rank's part is missing."""
     from logitcache.dump import finalize_dump
 
-    m = finalize_dump(cache, world_size, _storage_options(storage_options))
+    m = finalize_dump(cache, world_size, parse_storage_options(storage_options))
     click.echo(f"finalized {cache}: {m.num_rows:,} rows in {len(m.shards)} shards")
 
 
