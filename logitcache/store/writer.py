@@ -438,15 +438,22 @@ class CacheWriter:
             ev.add_note(msg)
 
 
-def _first_difference(old: Any, new: Any, where: str = "") -> tuple[str, Any, Any] | None:
-    """The dotted path of the first leaf where two JSON-like values differ, with both values."""
-    if isinstance(old, Mapping) and isinstance(new, Mapping):
-        for key in sorted(set(old) | set(new)):
-            sub = _first_difference(old.get(key), new.get(key), f"{where}.{key}" if where else key)
-            if sub is not None:
-                return sub
-        return None
-    return None if old == new else (where or "header", old, new)
+def _first_difference(old: Any, new: Any) -> tuple[str, Any, Any] | None:
+    """The shallowest dotted path where two JSON-like values differ, with both values there.
+
+    Shallowest first, so a changed ``seq_len`` is named as such rather than through the dataset
+    fingerprint it also changes."""
+    diffs: list[tuple[str, Any, Any]] = []
+
+    def walk(a: Any, b: Any, where: str) -> None:
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            for key in sorted(set(a) | set(b)):
+                walk(a.get(key), b.get(key), f"{where}.{key}" if where else key)
+        elif a != b:
+            diffs.append((where or "header", a, b))
+
+    walk(old, new, "")
+    return min(diffs, key=lambda d: (d[0].count("."), d[0])) if diffs else None
 
 
 def check_output(
