@@ -1,0 +1,290 @@
+"""Collate: a batch of cached rows becomes one dict of contiguous, compact host tensors.
+
+Batch layout (B rows of S tokens; N = target positions kept in the batch; all keys always present
+unless marked optional):
+
+- ``input_ids`` int64 [B, S]; ``row_id`` int64 [B]; ``is_pad`` bool [B];
+- ``position_mask`` bool [B, S]: the positions that carry a target in this batch: stored
+  (``loss_mask``), selected (``TargetOptions.positions``) and not in a padding row;
+- ``labels`` int64 [B, S]: ``input_ids[b, t + 1]`` where ``position_mask`` (position t predicts the
+  next token), ``-100`` elsewhere and at ``t = S - 1``. They are already shifted: compare them with
+  the logits at the same position, do not hand them to a Hugging Face model's ``labels=``;
+- ``target_index`` int64 [N]: flat indices into ``B * S`` of the kept positions, row-major (the
+  student's ``logits.flatten(0, 1).index_select(0, target_index)`` lines up with the targets,
+  without the device sync a boolean index costs); ``target_labels`` int64 [N]: the labels there;
+- top-k targets: ``target_ids`` int32 [N, k'] (ascending within a position, padding id 0) and
+
+  - sqrt-quantised codecs: ``value_code`` uint8/uint16 [N, k'] plus ``value_lognorm`` float32
+    [N]: ``log p = value_table[code] - value_lognorm`` (code 0 = padding = ``-inf``). The codes
+    cross to the device compact and :class:`~logitcache.data.targets.TargetDequantizer` expands
+    them there;
+  - float16/float32 codecs: ``logprobs`` in the stored dtype [N, k'];
+  - ``tail_logprob`` float32 [N] (optional: ``keep_tail=False`` drops it);
+- sampled targets: ``target_ids`` int32 [N, m] and ``counts`` int32 [N, m], padded to the batch's
+  largest ``m`` with id 0 and count 0; ``num_draws`` (int); optional ``logprob_code`` uint8 or
+  ``logprobs`` float16 [N, m] when the cache stores the sampled ids' log-probs;
+- ``temperature_lognorm`` float32 [N] (optional): ``log sum_v p_v^(1/T)`` for
+  ``TargetOptions.temperature`` when the cache recorded that T;
+- ``kind``: ``"topk"`` or ``"sampled"``.
+
+**Fewer targets than stored** (``top_k``): decoded ids come back sorted by id, not by probability,
+so the k' entries with the largest values are selected per position (ties: the smaller id), kept in
+ascending id order, and the mass of the dropped entries is *added to the tail bucket*: the tail is
+then the mass outside the k' kept ids, exactly what a top-k' dump would have stored (up to the
+quantisation of the dropped entries). The sqrt normaliser stays the one over all k + 1 stored
+buckets, so the kept log-probs are those of the full decode.
+
+**DDP padding.** Rows with ``is_pad`` keep their tokens (static shapes) but have an all-false
+``position_mask``, all ``-100`` labels and no targets: they add nothing to a ``(sum, count)`` loss.
+
+Decoding is numpy over whole arrays (no per-row or per-position Python loop); the hot costs per
+batch are one gather of the kept positions, one cumsum for the ids and one table gather for the
+normaliser.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from logitcache.data._gather import (
+    ShardView,
+    batch_order_sources,
+    gather_positions,
+    gather_rows,
+    ragged_arange,
+)
+from logitcache.errors import CacheCorruptError, ConfigError
+from logitcache.format._sparse import join_planes, sqrt_tables
+from logitcache.format.manifest import Manifest
+from logitcache.format.sampled import SampledCodec
+from logitcache.format.topk import TopKCodec
+
+__all__ = ["IGNORE_INDEX", "Collator", "PositionSelector", "TargetOptions", "select_top"]
+
+IGNORE_INDEX = -100
+#: ``(input_ids [B, S] int64, loss_mask [B, S] bool) -> bool [B, S]``; must be picklable for workers
+PositionSelector = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+@dataclass(frozen=True)
+class TargetOptions:
+    """What the collate keeps of the stored targets.
+
+    ``top_k``: keep the k' most likely of the k stored ids (top-k caches; None keeps all).
+    ``keep_tail``: ship ``tail_logprob`` (False drops it; the loss then derives the tail, or
+    ignores it with ``kl-renorm``). ``temperature``: attach that temperature's stored log-normaliser
+    (None or 1.0: none). ``positions``: a picklable function selecting a subset of the stored
+    positions, e.g. to skip a row's first tokens.
+    """
+
+    top_k: int | None = None
+    keep_tail: bool = True
+    temperature: float | None = None
+    positions: PositionSelector | None = None
+
+    def __post_init__(self) -> None:
+        if self.top_k is not None and (isinstance(self.top_k, bool) or self.top_k < 1):
+            raise ConfigError(f"top_k must be an integer >= 1 or None, got {self.top_k!r}")
+        if self.temperature is not None and not self.temperature > 0:
+            raise ConfigError(f"temperature must be > 0, got {self.temperature!r}")
+
+
+def select_top(score: np.ndarray, k: int) -> np.ndarray:
+    """Column indices [N, k] of the k largest ``score`` per row (ties: lower column), sorted."""
+    order = np.argsort(-score.astype(np.float32), axis=1, kind="stable")[:, :k]
+    return np.sort(order, axis=1)
+
+
+def _decode_ids(lo: np.ndarray, hi: np.ndarray, vocab_size: int) -> np.ndarray:
+    ids = np.empty(lo.shape, dtype=np.int32)
+    np.cumsum(join_planes(lo, hi), axis=1, out=ids)
+    if ids.size and int(ids[:, -1].max()) >= vocab_size:
+        raise CacheCorruptError(
+            f"decoded target id {int(ids[:, -1].max())} >= vocab_size {vocab_size}: a shard's id "
+            "arrays are damaged; run `logitcache verify` and re-copy or re-dump the cache"
+        )
+    return ids
+
+
+class Collator:
+    """Builds host batches for one cache (its codec, sequence length and temperatures)."""
+
+    def __init__(self, manifest: Manifest, options: TargetOptions | None = None) -> None:
+        self.options = options or TargetOptions()
+        self.codec = manifest.codec
+        self.seq_len = manifest.seq_len
+        self.kind = manifest.targets.method
+        if not isinstance(self.codec, TopKCodec | SampledCodec):
+            raise ConfigError(f"the loader cannot collate codec {self.codec.name!r}")
+        if self.options.top_k is not None and not isinstance(self.codec, TopKCodec):
+            raise ConfigError("top_k applies to top-k caches; this cache holds sampled targets")
+        self._temp_col: int | None = None
+        t = self.options.temperature
+        if t is not None and t != 1.0:
+            temps = manifest.targets.temperatures
+            hits = [i for i, v in enumerate(temps) if abs(v - t) <= 1e-6 * max(1.0, t)]
+            self._temp_col = hits[0] if hits else None
+        self._position_arrays = tuple(
+            s.name for s in self.codec.array_specs() if s.level == "position"
+        )
+
+    def __call__(
+        self,
+        views: Mapping[int, ShardView],
+        shard: np.ndarray,
+        local: np.ndarray,
+        is_pad: np.ndarray,
+    ) -> dict[str, Any]:
+        """The batch of rows ``(shard[i], local[i])``; ``views`` holds every shard named."""
+        row_id, input_ids, stored = gather_rows(views, shard, local, self.seq_len)
+        keep = stored & ~np.asarray(is_pad, dtype=bool)[:, None]
+        if self.options.positions is not None:
+            chosen = np.asarray(self.options.positions(input_ids, stored), dtype=bool)
+            if chosen.shape != stored.shape:
+                raise ConfigError(
+                    f"the positions selector returned shape {chosen.shape}, expected "
+                    f"{stored.shape} (a bool mask like loss_mask)"
+                )
+            keep &= chosen
+        wanted = tuple(n for n in self._position_arrays if n != "temperature_lognorm")
+        if self._temp_col is not None:
+            wanted += ("temperature_lognorm",)
+        pos, sources = gather_positions(views, shard, local, stored, keep, wanted)
+        labels = np.full(input_ids.shape, IGNORE_INDEX, dtype=np.int64)
+        labels[:, :-1] = np.where(keep[:, :-1], input_ids[:, 1:], IGNORE_INDEX)
+        target_index = np.flatnonzero(keep.reshape(-1))
+        out: dict[str, Any] = {
+            "kind": self.kind,
+            "input_ids": input_ids,
+            "labels": labels,
+            "position_mask": keep,
+            "target_index": target_index,
+            "target_labels": labels.reshape(-1)[target_index],
+            "row_id": row_id,
+            "is_pad": np.asarray(is_pad, dtype=bool),
+        }
+        if self._temp_col is not None:
+            out["temperature_lognorm"] = np.ascontiguousarray(
+                pos.pop("temperature_lognorm")[:, self._temp_col]
+            )
+        if isinstance(self.codec, TopKCodec):
+            out.update(self._topk(self.codec, pos))
+        elif isinstance(self.codec, SampledCodec):
+            out.update(self._sampled(self.codec, views, shard, keep, sources, pos))
+        return {
+            k: torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v
+            for k, v in out.items()
+        }
+
+    # -- top-k ---------------------------------------------------------------------------------
+
+    def _topk(self, codec: TopKCodec, pos: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ids = _decode_ids(pos["id_delta_lo"], pos["id_delta_hi"], codec.vocab_size)
+        k2 = codec.k if self.options.top_k is None else min(self.options.top_k, codec.k)
+        cut = k2 < codec.k
+        out: dict[str, np.ndarray] = {}
+        if codec.values == "sqrt":
+            codes, tail_codes = pos["value_code"], pos["tail_code"]
+            levels = codec.quant_levels
+            if codes.size and max(int(codes.max()), int(tail_codes.max())) > levels:
+                raise CacheCorruptError(
+                    f"value codes exceed levels={levels}: a shard's value arrays are damaged; "
+                    "run `logitcache verify` and re-copy or re-dump the cache"
+                )
+            probt = sqrt_tables(levels)[1]
+            p = np.take(probt, codes)
+            tail = np.take(probt, tail_codes)
+            z = p.sum(axis=1) + tail
+            if cut:
+                cols = select_top(codes, k2)
+                codes = np.take_along_axis(codes, cols, axis=1)
+                ids = np.take_along_axis(ids, cols, axis=1)
+                np.put_along_axis(p, cols, 0.0, axis=1)
+                tail = tail + p.sum(axis=1)  # the dropped entries join the tail bucket
+            with np.errstate(divide="ignore"):
+                lognorm = np.log(z)
+                out["tail_logprob"] = np.log(tail) - lognorm
+            out["value_code"], out["value_lognorm"] = codes, lognorm
+        else:
+            lp, tail_lp = pos["logprobs"], pos["tail_logprob"]
+            if cut:
+                cols = select_top(lp, k2)
+                dropped = lp.astype(np.float32)
+                np.put_along_axis(dropped, cols, -np.inf, axis=1)
+                lp = np.take_along_axis(lp, cols, axis=1)
+                ids = np.take_along_axis(ids, cols, axis=1)
+                tail_lp = np.logaddexp(tail_lp, _logsumexp(dropped))
+            out["logprobs"], out["tail_logprob"] = lp, tail_lp.astype(np.float32)
+        if cut:  # padding entries (-inf) that survived the cut keep id 0
+            ids = np.where(_valid(out, codec), ids, 0).astype(np.int32)
+        if not self.options.keep_tail:
+            del out["tail_logprob"]
+        out["target_ids"] = ids
+        return out
+
+    # -- sampled -------------------------------------------------------------------------------
+
+    def _sampled(
+        self,
+        codec: SampledCodec,
+        views: Mapping[int, ShardView],
+        shard: np.ndarray,
+        keep: np.ndarray,
+        sources: Mapping[int, np.ndarray],
+        pos: dict[str, np.ndarray],
+    ) -> dict[str, Any]:
+        m = pos["num_unique"].astype(np.int64)
+        n = m.shape[0]
+        width = max(1, int(m.max()) if n else 1)
+        entry_arrays = [s.name for s in codec.array_specs() if s.level == "entry"]
+        first = views[int(shard[0])].data.targets
+        flat = {e: np.zeros(n * width, dtype=first[e].dtype) for e in entry_arrays}
+        pos_shard, src = batch_order_sources(shard, keep, sources)
+        for s in sources:
+            where = np.flatnonzero(pos_shard == s)
+            ent_off = views[s].ent_off
+            if ent_off is None:  # built for every sampled shard; guards a misuse
+                raise ConfigError("sampled shard views need entry offsets")
+            e_src = ragged_arange(ent_off[src[where]], m[where])
+            e_dst = ragged_arange(where * width, m[where])
+            for e in entry_arrays:
+                flat[e][e_dst] = views[s].data.targets[e][e_src]
+        valid = np.arange(width)[None, :] < m[:, None]
+        d = join_planes(flat["id_delta_lo"], flat["id_delta_hi"]).reshape(n, width)
+        ids = np.empty((n, width), dtype=np.int32)
+        np.cumsum(d, axis=1, out=ids)
+        ids[~valid] = 0
+        if ids.size and int(ids.max()) >= codec.vocab_size:
+            raise CacheCorruptError(
+                f"decoded sampled id {int(ids.max())} >= vocab_size {codec.vocab_size}: a "
+                "shard's id arrays are damaged; re-copy or re-dump the cache"
+            )
+        counts = flat["count_minus1"].reshape(n, width).astype(np.int32) + 1
+        counts[~valid] = 0
+        out: dict[str, Any] = {"target_ids": ids, "counts": counts, "num_draws": codec.n}
+        if "logprob_code" in flat:
+            out["logprob_code"] = flat["logprob_code"].reshape(n, width)  # pad code 0 = -inf
+        elif "logprobs" in flat:
+            lp = flat["logprobs"].reshape(n, width)
+            lp[~valid] = -np.inf
+            out["logprobs"] = lp
+        return out
+
+
+def _logsumexp(x: np.ndarray) -> np.ndarray:
+    """Row-wise log-sum-exp of float32 [N, k] that may hold ``-inf`` rows."""
+    m = x.max(axis=1) if x.shape[1] else np.full(x.shape[0], -np.inf, np.float32)
+    safe = np.where(np.isfinite(m), m, 0.0).astype(np.float32)
+    with np.errstate(divide="ignore"):
+        return np.log(np.exp(x - safe[:, None]).sum(axis=1)) + safe
+
+
+def _valid(out: Mapping[str, np.ndarray], codec: TopKCodec) -> np.ndarray:
+    if codec.values == "sqrt":
+        return out["value_code"] > 0
+    return np.isfinite(out["logprobs"])
