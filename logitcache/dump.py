@@ -1,0 +1,387 @@
+"""The dump pipeline: run a teacher once over a dataset and commit its sparse targets as a cache.
+
+::
+
+    rows (inputs.iter_rows, this rank's slice) -> batches -> sparsify on the device
+      -> bounded queue -> writer thread (encode, zstd, checksums, shards) -> commit / finalize
+
+Order of work, and why: everything that can fail cheaply fails before anything slow. The output
+is checked first (a committed cache needs ``overwrite``; a half-written one ``resume`` or
+``overwrite``), then the data (exists, column known; its fingerprint reads every byte), then the
+teacher is loaded and checked against the options (``seq_len`` within its context, ``k`` within
+its vocabulary), the tokenizer against the data (text needs one, chat needs a template) and the
+first row is produced (data empty after tokenisation). Only then does the device work start.
+
+**What identifies a cache** (the header the writer fingerprints, so ``--resume`` refuses a changed
+configuration and names the field): teacher name/revision/weights sha256, tokenizer fingerprint,
+dataset fingerprint (input bytes + row recipe: seq_len, packing, format, column), seq_len, both
+vocab sizes, targets (method, k or samples, temperatures), codec (value mode, levels), backend,
+compression level, and ``extra.dump``: seed (sampling), dtype and world size. Batch size, device
+and chunk size are not part of it: a resume may change them (after an out-of-memory, say).
+
+**Resume.** Each writer (one per rank) knows how many rows its committed shards hold. The dump
+restarts at the start of the batch that row falls in and drops the already-written rows after
+the forward, so every batch is the one an uninterrupted run computed: for a deterministic teacher
+(same batch size) the shards are byte-identical, because shard cuts depend only on the rows.
+
+**Memory.** Host: one batch being computed, at most ``queue_depth`` waiting, one shard being
+buffered (``shard_bytes``); nothing grows with the dataset. Device: the teacher, its activations
+for one batch, and the chunked head (``chunk_bytes``; see :mod:`logitcache.teacher`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from logitcache._dump_pipeline import (
+    BackgroundWriter,
+    Progress,
+    RankGroup,
+    RankInfo,
+    drop_leading_rows,
+    part_name,
+    rank_info,
+)
+from logitcache.errors import ConfigError
+from logitcache.format import SampledCodec, TopKCodec
+from logitcache.format.codec import TargetCodec
+from logitcache.format.manifest import Backend, Manifest, SourceInfo, TargetsInfo
+from logitcache.inputs import (
+    InputOptions,
+    Row,
+    dataset_fingerprint,
+    iter_batches,
+    iter_rows,
+    tokenizer_fingerprint,
+)
+from logitcache.store import CacheHeader, CacheWriter, check_output, finalize_cache
+from logitcache.store.writer import DEFAULT_COMPRESSION_LEVEL, DEFAULT_SHARD_BYTES
+from logitcache.teacher import SparsifyConfig, Teacher, load_teacher, sparsify_batch
+
+__all__ = ["DumpConfig", "DumpResult", "dump", "finalize_dump"]
+
+_DUMP_RECIPE = 1  # bump when the dump changes what it stores for the same options
+
+
+@dataclass(frozen=True)
+class DumpConfig:
+    """Everything ``logitcache dump`` takes; see ``docs/dump.md`` for each option.
+
+    ``teacher``: a Hugging Face model directory or ``module.path:factory``. ``data``: a path,
+    directory, glob or fsspec URL. ``out``: the cache directory or URL.
+    """
+
+    teacher: str
+    data: str
+    out: str
+    seq_len: int
+    teacher_file: str | None = None
+    tokenizer: str | None = None
+    input_format: str | None = None
+    column: str | None = None
+    pack: bool = True
+    method: Literal["topk", "sample"] = "topk"
+    k: int = 64
+    samples: int = 64
+    seed: int = 0
+    temperatures: tuple[float, ...] = ()
+    values: str = "sqrt"
+    sample_logprobs: str = "uint8"
+    backend: Backend = "zarr"
+    batch_size: int = 8
+    dtype: str = "auto"
+    device: str = "auto"
+    shard_bytes: int = DEFAULT_SHARD_BYTES
+    compression_level: int = DEFAULT_COMPRESSION_LEVEL
+    chunk_bytes: int = 1 << 30
+    resume: bool = False
+    overwrite: bool = False
+    storage_options: Mapping[str, Any] | None = None
+    queue_depth: int = 4
+    count_rows: bool = True
+    quick_fingerprint: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.resume and self.overwrite:
+            raise ConfigError("--resume and --overwrite exclude each other; pick one")
+        if self.method not in ("topk", "sample"):
+            raise ConfigError(f"method must be 'topk' or 'sample', got {self.method!r}")
+        for name in ("batch_size", "queue_depth", "k", "samples", "chunk_bytes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.backend not in ("zarr", "arrow"):
+            raise ConfigError(f"backend must be 'zarr' or 'arrow', got {self.backend!r}")
+
+    def sparsify_config(self) -> SparsifyConfig:
+        return SparsifyConfig(
+            method=self.method,
+            k=self.k,
+            num_samples=self.samples,
+            seed=self.seed,
+            temperatures=tuple(float(t) for t in self.temperatures),
+            sample_logprobs=self.sample_logprobs != "none",
+            chunk_bytes=self.chunk_bytes,
+        )
+
+    def input_options(self) -> InputOptions:
+        return InputOptions(
+            seq_len=self.seq_len,
+            input_format=self.input_format,
+            column=self.column,
+            pack=self.pack,
+        )
+
+
+@dataclass(frozen=True)
+class DumpResult:
+    """What one process of a dump did. ``manifest`` is the committed cache's manifest (None on
+    ranks other than 0 of a multi-rank dump, or when the ranks could not meet to finalize)."""
+
+    manifest: Manifest | None
+    rank: int
+    world_size: int
+    rows: int  # rows this process computed in this run (resumed rows excluded)
+    resumed_rows: int
+    tokens: int  # rows x seq_len fed through the teacher
+    seconds: float
+    writer_busy_seconds: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / max(self.seconds, 1e-9)
+
+    def summary(self) -> str:
+        """A few human lines: what was written and how fast."""
+        lines = [
+            f"rank {self.rank}/{self.world_size}: {self.rows:,} rows, {self.tokens:,} tokens in "
+            f"{self.seconds:.1f} s ({self.tokens_per_s:,.0f} tokens/s)"
+            + (f"; {self.resumed_rows:,} rows resumed" if self.resumed_rows else "")
+        ]
+        m = self.manifest
+        if m is not None:
+            pos = max(m.num_positions, 1)
+            mass = m.coverage.captured_mass
+            lines.append(
+                f"cache: {m.num_rows:,} rows, {m.num_positions:,} target positions, "
+                f"{m.num_bytes:,} bytes in {len(m.shards)} shards ({m.num_bytes / pos:.1f} "
+                f"bytes/position)"
+                + (f", mean captured mass {mass:.3f}" if mass is not None else "")
+            )
+        elif self.world_size > 1 and self.rank == 0:
+            lines.append("parts written; join them with: logitcache finalize CACHE --world-size N")
+        return "\n".join(lines)
+
+
+def dump(config: DumpConfig) -> DumpResult:
+    """Run the teacher over the data and write the cache (this rank's share under torchrun)."""
+    info = rank_info()
+    check_output(
+        config.out,
+        overwrite=config.overwrite,
+        resume=config.resume,
+        storage_options=config.storage_options,
+    )
+    options = config.input_options()
+    data_fp = dataset_fingerprint(config.data, options, quick=config.quick_fingerprint)
+    group = RankGroup(info)
+    try:
+        teacher = load_teacher(
+            config.teacher,
+            teacher_file=config.teacher_file,
+            tokenizer=config.tokenizer,
+            dtype=config.dtype,
+            device=config.device,
+        )
+        _check_teacher(config, teacher)
+        rows = _rank_rows(config, teacher, options, info)
+        total = _count_rows(config, teacher, options, info) if config.count_rows else None
+        header = _header(config, teacher, data_fp, info)
+        if info.world_size > 1 and config.overwrite:
+            if info.rank == 0:
+                check_output(
+                    config.out,
+                    overwrite=True,
+                    clear=True,
+                    storage_options=config.storage_options,
+                )
+            group.barrier()  # nobody writes before rank 0 has cleared the old cache
+        result = _run(config, teacher, header, rows, total, info)
+        manifest = result.manifest if info.world_size == 1 else None
+        if info.world_size > 1:
+            group.barrier()
+            if info.rank == 0 and group.active:
+                manifest = finalize_dump(config.out, info.world_size, config.storage_options)
+        return DumpResult(
+            manifest=manifest,
+            rank=info.rank,
+            world_size=info.world_size,
+            rows=result.rows,
+            resumed_rows=result.resumed_rows,
+            tokens=result.rows * config.seq_len,
+            seconds=result.seconds,
+            writer_busy_seconds=result.writer_busy_seconds,
+        )
+    finally:
+        group.close()
+
+
+@dataclass(frozen=True)
+class _RunResult:
+    manifest: Manifest
+    rows: int
+    resumed_rows: int
+    seconds: float
+    writer_busy_seconds: float
+
+
+def _run(
+    config: DumpConfig,
+    teacher: Teacher,
+    header: CacheHeader,
+    rows: Iterator[Row],
+    total: int | None,
+    info: RankInfo,
+) -> _RunResult:
+    """The loop: forward + sparsify here, encode + write in the background thread."""
+    writer = CacheWriter(
+        config.out,
+        header,
+        shard_bytes=config.shard_bytes,
+        overwrite=config.overwrite and info.world_size == 1,
+        resume=config.resume,
+        part=info.part,
+        storage_options=config.storage_options,
+    )
+    sparsify = config.sparsify_config()
+    with writer:
+        done = writer.resumed_rows
+        aligned = done - done % config.batch_size
+        drop = done - aligned
+        progress = Progress(
+            total, config.seq_len, done=aligned, enabled=config.progress and info.rank == 0
+        )
+        background = BackgroundWriter(writer, config.queue_depth)
+        computed = 0
+        start = time.perf_counter()
+        try:
+            for batch in iter_batches(itertools.islice(rows, aligned, None), config.batch_size):
+                sparse = sparsify_batch(
+                    teacher, batch.input_ids, batch.loss_mask, batch.row_ids, sparsify
+                )
+                batch, sparse = drop_leading_rows(batch, sparse, drop)
+                drop = 0
+                background.put(batch, sparse)
+                computed += len(batch.row_ids)
+                progress.update(len(batch.row_ids))
+            background.close()
+        except BaseException:
+            background.abandon()
+            raise
+        finally:
+            progress.close()
+        manifest = writer.commit()
+    seconds = time.perf_counter() - start
+    return _RunResult(manifest, computed, done, seconds, background.busy_seconds)
+
+
+def _check_teacher(config: DumpConfig, teacher: Teacher) -> None:
+    """Options that the teacher makes impossible, before any forward pass."""
+    if teacher.max_seq_len is not None and config.seq_len > teacher.max_seq_len:
+        raise ConfigError(
+            f"--seq-len {config.seq_len} exceeds the teacher's context of {teacher.max_seq_len} "
+            "tokens (max_position_embeddings); use a shorter --seq-len"
+        )
+    if config.method == "topk" and config.k > teacher.real_vocab_size:
+        raise ConfigError(
+            f"--k {config.k} exceeds the teacher's vocabulary of {teacher.real_vocab_size} ids; "
+            f"use --k <= {teacher.real_vocab_size}"
+        )
+
+
+def _rank_rows(
+    config: DumpConfig, teacher: Teacher, options: InputOptions, info: RankInfo
+) -> Iterator[Row]:
+    """This rank's rows (``row_id % world_size == rank``), after checking the stream starts."""
+    rows = iter_rows(config.data, teacher.tokenizer, options)
+    first = next(rows)  # raises "empty after tokenisation" now, not after the first batch
+    stream = itertools.chain([first], rows)
+    if info.world_size == 1:
+        return stream
+    return (r for r in stream if r.row_id % info.world_size == info.rank)
+
+
+def _count_rows(config: DumpConfig, teacher: Teacher, options: InputOptions, info: RankInfo) -> int:
+    """Rows of this rank, for the ETA: a tokenisation pass without the teacher."""
+    rows = iter_rows(config.data, teacher.tokenizer, options)
+    return sum(1 for r in rows if r.row_id % info.world_size == info.rank)
+
+
+def _codec(config: DumpConfig, vocab: int) -> tuple[TargetCodec, TargetsInfo]:
+    temps = tuple(float(t) for t in config.temperatures)
+    if config.method == "topk":
+        codec: TargetCodec = TopKCodec(
+            k=config.k, vocab_size=vocab, num_temperatures=len(temps), values=config.values
+        )
+        return codec, TargetsInfo("topk", k=config.k, tail="bucket", temperatures=temps)
+    codec = SampledCodec(
+        n=config.samples,
+        vocab_size=vocab,
+        num_temperatures=len(temps),
+        logprobs=config.sample_logprobs,
+    )
+    return codec, TargetsInfo("sampled", samples=config.samples, tail="none", temperatures=temps)
+
+
+def _header(config: DumpConfig, teacher: Teacher, data_fp: str, info: RankInfo) -> CacheHeader:
+    codec, targets = _codec(config, teacher.real_vocab_size)
+    ident = teacher.identity
+    tok = teacher.tokenizer
+    dtype = next(teacher.model.parameters()).dtype
+    options: dict[str, Any] = {
+        "recipe": _DUMP_RECIPE,
+        "dtype": str(dtype).removeprefix("torch."),
+        "world_size": info.world_size,
+        "rank_split": "row_id % world_size",
+        "teacher_source": ident.source,
+        "teacher_file": config.teacher_file,
+        "input": config.input_options().to_dict(),
+    }
+    if config.method == "sample":
+        options["seed"] = config.seed
+    return CacheHeader(
+        codec=codec,
+        targets=targets,
+        seq_len=config.seq_len,
+        vocab_size=teacher.real_vocab_size,
+        padded_vocab_size=teacher.padded_vocab_size,
+        backend=config.backend,
+        compression_level=config.compression_level,
+        teacher=SourceInfo(ident.name, ident.revision, ident.weights_sha256),
+        tokenizer=SourceInfo(
+            _base_name(config.tokenizer) if config.tokenizer else ident.name,
+            None,
+            tokenizer_fingerprint(tok) if tok is not None else None,
+        ),
+        dataset=SourceInfo(_base_name(config.data), None, data_fp),
+        extra={"dump": options},
+    )
+
+
+def _base_name(path: str) -> str:
+    """The last path component: moving a dataset or teacher does not change a cache's identity."""
+    return os.path.basename(path.rstrip("/")) or path
+
+
+def finalize_dump(
+    out: str, world_size: int, storage_options: Mapping[str, Any] | None = None
+) -> Manifest:
+    """Join the parts of a ``world_size``-rank dump (rank order) into the cache's manifest."""
+    if world_size < 1:
+        raise ConfigError(f"world size must be >= 1, got {world_size}")
+    return finalize_cache(out, [part_name(r) for r in range(world_size)], storage_options)

@@ -1,0 +1,398 @@
+"""The dump end to end: CLI -> cache, checked against a dense reference on the same rows.
+
+Also: chat masks, 2-rank torchrun equals 1 rank, SIGKILL + --resume equals an uninterrupted
+dump byte for byte, and the refusals (output exists, changed config, k > vocab, NaN teacher).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import TINY_CORPUS
+
+from logitcache._dump_pipeline import BackgroundWriter
+from logitcache.cli import cli
+from logitcache.errors import WriterError
+from logitcache.format.targets import SampledTargets, TopKTargets
+from logitcache.inputs import InputOptions, iter_rows
+from logitcache.store import CacheReader
+
+TESTS = Path(__file__).parent
+REAL = 300  # len(tiny_tokenizer)
+SEQ = 32
+K = 8
+# the reference dump: exact float32 values, 3 rows per batch, small shards, one temperature
+REF_OPTS = ("--values", "float32", "--batch-size", "3", "--shard-mb", "0.02", "--temperature", "2")
+CHATS = [
+    [
+        {"role": "user", "content": "Hello world"},
+        {"role": "assistant", "content": "I am fine."},
+        {"role": "user", "content": "ok"},
+        {"role": "assistant", "content": "thank you"},
+    ],
+    [{"role": "user", "content": "no answer here"}],
+    [
+        {"role": "system", "content": "Be nice."},
+        {"role": "user", "content": "Numbers?"},
+        {"role": "assistant", "content": "0 1 2 3"},
+    ],
+]
+
+
+@dataclass
+class CachedRow:
+    input_ids: np.ndarray
+    loss_mask: np.ndarray
+    targets: TopKTargets | SampledTargets  # this row's positions only
+
+
+def _slice(t: Any, lo: int, hi: int) -> Any:
+    if isinstance(t, TopKTargets):
+        return TopKTargets(
+            t.ids[lo:hi], t.logprobs[lo:hi], t.tail_logprob[lo:hi], t.temperature_lognorm[lo:hi]
+        )
+    off = np.concatenate([[0], np.cumsum(t.num_unique)])
+    e0, e1 = off[lo], off[hi]
+    return SampledTargets(
+        t.num_unique[lo:hi],
+        t.ids[e0:e1],
+        t.counts[e0:e1],
+        None if t.logprobs is None else t.logprobs[e0:e1],
+        t.temperature_lognorm[lo:hi],
+    )
+
+
+def load_cache(url: Path | str) -> dict[int, CachedRow]:
+    """Every row of a cache keyed by row id, targets decoded and cut per row."""
+    out: dict[int, CachedRow] = {}
+    for rows in CacheReader(str(url)).iter_rows():
+        off, t = rows.position_offsets, rows.targets
+        for i, rid in enumerate(rows.row_id.tolist()):
+            out[rid] = CachedRow(
+                rows.input_ids[i], rows.loss_mask[i].astype(bool), _slice(t, off[i], off[i + 1])
+            )
+    return out
+
+
+def run_cli(*args: str, ok: bool = True) -> Any:
+    result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
+    if ok:
+        assert result.exit_code == 0, result.output
+    return result
+
+
+def dump_args(teacher: Path | str, data: Path, out: Path, *extra: str) -> list[str]:
+    return ["dump", "--teacher", str(teacher), "--data", str(data), "--out", str(out),
+            "--seq-len", str(SEQ), "--k", str(K), *extra]  # fmt: skip
+
+
+def manifest(url: Path) -> dict[str, Any]:
+    return dict(json.loads((url / "manifest.json").read_text()))
+
+
+@pytest.fixture(scope="module")
+def text_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "docs.jsonl"
+    docs = [" ".join(TINY_CORPUS[j % 6] for j in range(i % 4 + 1)) for i in range(24)]
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference_cache(
+    tmp_path_factory: pytest.TempPathFactory, tiny_teacher_dir: Path, text_data: Path
+) -> Path:
+    """A 1-process dump with exact float32 values, 3 rows per batch, small shards."""
+    out = tmp_path_factory.mktemp("ref") / "cache"
+    run_cli(*dump_args(tiny_teacher_dir, text_data, out, *REF_OPTS))
+    return out
+
+
+@pytest.fixture(scope="module")
+def model(tiny_teacher_dir: Path) -> Any:
+    from transformers import LlamaForCausalLM
+
+    return LlamaForCausalLM.from_pretrained(tiny_teacher_dir, dtype=torch.float32).eval()
+
+
+def dense_logprobs(model: Any, input_ids: np.ndarray) -> torch.Tensor:
+    """float64 log-softmax over the real vocabulary, [S, REAL], straight from the model."""
+    with torch.no_grad():
+        z = model(torch.as_tensor(input_ids[None], dtype=torch.long)).logits[0, :, :REAL]
+    return torch.log_softmax(z.double(), dim=-1)
+
+
+def test_dump_equals_dense_reference(
+    reference_cache: Path, model: Any, text_data: Path, tiny_tokenizer: Any
+) -> None:
+    cache = load_cache(reference_cache)
+    rows = list(iter_rows(str(text_data), tiny_tokenizer, InputOptions(seq_len=SEQ)))
+    assert sorted(cache) == [r.row_id for r in rows] and len(rows) > 20
+    m = manifest(reference_cache)
+    assert (m["vocab_size"], m["padded_vocab_size"]) == (REAL, 320)
+    assert m["dataset"]["fingerprint"] and m["tokenizer"]["fingerprint"]
+    assert m["teacher"]["fingerprint"] and m["extra"]["dump"]["world_size"] == 1
+    assert len(m["shards"]) > 2
+    for row in rows:
+        got = cache[row.row_id]
+        np.testing.assert_array_equal(got.input_ids, row.input_ids)
+        np.testing.assert_array_equal(got.loss_mask, row.loss_mask)
+        ref = dense_logprobs(model, row.input_ids)[torch.as_tensor(row.loss_mask)]
+        t = got.targets
+        assert isinstance(t, TopKTargets)
+        want_lp, want_ids = ref.topk(K, dim=-1)
+        order = want_ids.argsort(dim=1)
+        np.testing.assert_array_equal(t.ids, want_ids.gather(1, order).numpy())
+        np.testing.assert_allclose(t.logprobs, want_lp.gather(1, order).numpy(), atol=2e-5)
+        tail = torch.logsumexp(ref.scatter(1, want_ids, float("-inf")), dim=1)
+        np.testing.assert_allclose(t.tail_logprob, tail.numpy(), atol=2e-5)
+        at_t2 = torch.logsumexp(ref / 2.0, dim=1)  # log sum p^(1/2)
+        np.testing.assert_allclose(t.temperature_lognorm[:, 0], at_t2.numpy(), atol=2e-5)
+
+
+def test_default_quantised_values_within_codec_bound(
+    tmp_path: Path, tiny_teacher_dir: Path, text_data: Path, reference_cache: Path
+) -> None:
+    out = tmp_path / "sqrt"
+    run_cli(*dump_args(tiny_teacher_dir, text_data, out, "--backend", "arrow", "--no-count"))
+    exact, quant = load_cache(reference_cache), load_cache(out)
+    bound = CacheReader(str(out)).codec.kl_bound()  # type: ignore[attr-defined]
+    assert sorted(exact) == sorted(quant)
+    for rid, row in exact.items():
+        e, q = row.targets, quant[rid].targets
+        assert isinstance(e, TopKTargets) and isinstance(q, TopKTargets)
+        np.testing.assert_array_equal(e.ids, q.ids)
+        pe = np.concatenate([e.logprobs, e.tail_logprob[:, None]], axis=1).astype(np.float64)
+        pq = np.concatenate([q.logprobs, q.tail_logprob[:, None]], axis=1).astype(np.float64)
+        kl = (np.exp(pe) * (pe - pq)).sum(axis=1)
+        assert kl.max() <= bound
+
+
+def test_chat_masks_cover_exactly_the_assistant_spans(
+    tmp_path: Path, tiny_teacher_dir: Path, tiny_tokenizer: Any
+) -> None:
+    data = tmp_path / "chats.jsonl"
+    data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in CHATS))
+    out = tmp_path / "chat"
+    run_cli(*dump_args(tiny_teacher_dir, data, out, "--no-pack"))
+    cache = load_cache(out)
+    with_answers = [c for c in CHATS if any(m["role"] == "assistant" for m in c)]
+    assert sorted(cache) == list(range(len(with_answers)))
+    for rid, chat in enumerate(with_answers):
+        row = cache[rid]
+        targets = row.input_ids[1:][row.loss_mask[:-1]]
+        want = "".join(m["content"] + "<|end|>" for m in chat if m["role"] == "assistant")
+        assert tiny_tokenizer.decode(targets.tolist(), skip_special_tokens=False) == want
+        assert row.targets.ids.shape == (int(row.loss_mask.sum()), K)
+
+
+def test_sampled_dump_matches_teacher(
+    tmp_path: Path, tiny_teacher_dir: Path, text_data: Path, model: Any
+) -> None:
+    out = tmp_path / "sampled"
+    args = ("--method", "sample", "--samples", "16", "--seed", "3",
+            "--sample-logprobs", "float16", "--no-count")  # fmt: skip
+    run_cli(*dump_args(tiny_teacher_dir, text_data, out, *args))
+    cache = load_cache(out)
+    m = manifest(out)
+    assert m["targets"]["method"] == "sampled" and m["extra"]["dump"]["seed"] == 3
+    for row in list(cache.values())[:5]:
+        t = row.targets
+        assert isinstance(t, SampledTargets) and t.logprobs is not None
+        off = np.concatenate([[0], np.cumsum(t.num_unique)])
+        assert all(t.counts[off[i] : off[i + 1]].sum() == 16 for i in range(len(t.num_unique)))
+        ref = dense_logprobs(model, row.input_ids)[torch.as_tensor(row.loss_mask)]
+        owner = np.repeat(np.arange(len(t.num_unique)), t.num_unique)
+        want = ref[torch.as_tensor(owner), torch.as_tensor(t.ids, dtype=torch.long)]
+        np.testing.assert_allclose(t.logprobs, want.numpy(), atol=2e-3, rtol=2e-3)
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.update(extra)
+    return env
+
+
+def test_two_rank_torchrun_equals_one_rank(
+    tmp_path: Path, tiny_teacher_dir: Path, text_data: Path, reference_cache: Path
+) -> None:
+    out = tmp_path / "two"
+    args = dump_args(tiny_teacher_dir, text_data, out, *REF_OPTS, "--device", "cpu")
+    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    cmd = [sys.executable, *torchrun, "-m", "logitcache", *args]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two, one = manifest(out), manifest(reference_cache)
+    assert {s["path"].split("/")[1][:9] for s in two["shards"]} == {"rank00000", "rank00001"}
+    for key in ("teacher", "tokenizer", "dataset", "targets", "codec", "num_rows"):
+        assert two[key] == one[key], key
+    a, b = load_cache(reference_cache), load_cache(out)
+    assert sorted(a) == sorted(b)
+    for rid, ra in a.items():
+        rb = b[rid]
+        np.testing.assert_array_equal(ra.input_ids, rb.input_ids)
+        np.testing.assert_array_equal(ra.loss_mask, rb.loss_mask)
+        np.testing.assert_array_equal(ra.targets.ids, rb.targets.ids)
+        np.testing.assert_allclose(ra.targets.logprobs, rb.targets.logprobs, atol=1e-5)
+
+
+def _shard_files(url: Path) -> list[tuple[str, int, str]]:
+    return [
+        (f["path"], f["bytes"], f["sha256"]) for s in manifest(url)["shards"] for f in s["files"]
+    ]
+
+
+def test_sigkill_then_resume_equals_uninterrupted(
+    tmp_path: Path, tiny_teacher_dir: Path, text_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.syspath_prepend(str(TESTS))
+    monkeypatch.setenv("LOGITCACHE_TEST_TEACHER", str(tiny_teacher_dir))
+    monkeypatch.setenv("LOGITCACHE_TEST_DELAY", "0")
+    opts = ("--batch-size", "5", "--shard-mb", "0.01", "--no-count")  # shards of 12 rows
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    run_cli(*dump_args("dump_factories:slow", text_data, full, *opts))
+    cmd = [
+        sys.executable,
+        "-m",
+        "logitcache",
+        *dump_args("dump_factories:slow", text_data, cut, *opts),
+    ]
+    proc = subprocess.Popen(cmd, env=_env(LOGITCACHE_TEST_DELAY="0.25"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    progress = cut / "_writers" / "main.json"
+    try:
+        deadline = time.monotonic() + 120
+        while not (progress.exists() and len(json.loads(progress.read_text())["shards"]) >= 2):
+            assert proc.poll() is None and time.monotonic() < deadline, "dump ended before the kill"
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert not (cut / "manifest.json").exists()
+    committed = sum(s["rows"] for s in json.loads(progress.read_text())["shards"])
+    assert 0 < committed < manifest(full)["num_rows"]
+    result = run_cli(*dump_args("dump_factories:slow", text_data, cut, *opts, "--resume"))
+    assert f"{committed:,} rows resumed" in result.output
+    assert _shard_files(cut) == _shard_files(full)
+    a, b = load_cache(full), load_cache(cut)
+    assert sorted(a) == sorted(b)
+    for rid in a:
+        np.testing.assert_array_equal(a[rid].targets.logprobs, b[rid].targets.logprobs)
+
+
+def test_refuses_existing_output(
+    tmp_path: Path, tiny_teacher_dir: Path, text_data: Path, reference_cache: Path
+) -> None:
+    result = run_cli(*dump_args(tiny_teacher_dir, text_data, reference_cache), ok=False)
+    assert result.exit_code == 1 and "already holds a committed cache" in result.output
+    partial = tmp_path / "partial"
+    shutil.copytree(reference_cache, partial)
+    (partial / "manifest.json").unlink()
+    result = run_cli(*dump_args(tiny_teacher_dir, text_data, partial), ok=False)
+    assert result.exit_code == 1 and "--resume" in result.output
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        (("--k", "4"), "k"),
+        (("--temperature", "3"), "temperatures"),
+        (("--seq-len", "16"), "seq_len"),
+        (("--method", "sample"), "method"),
+    ],
+)
+def test_resume_refuses_changed_config(
+    tmp_path: Path,
+    tiny_teacher_dir: Path,
+    text_data: Path,
+    reference_cache: Path,
+    change: tuple[str, str],
+    field: str,
+) -> None:
+    partial = tmp_path / "partial"
+    shutil.copytree(reference_cache, partial)
+    (partial / "manifest.json").unlink()
+    base = list(REF_OPTS)
+    if change[0] == "--temperature":
+        base = base[:-2]
+    args = dump_args(tiny_teacher_dir, text_data, partial, *base, *change, "--resume")
+    result = run_cli(*args, ok=False)
+    assert result.exit_code == 1 and "cannot resume" in result.output, result.output
+    assert f"{field} changed" in result.output or f".{field}:" in result.output, result.output
+    assert not (partial / "manifest.json").exists()
+
+
+def test_refuses_k_beyond_vocab_before_writing(
+    tmp_path: Path, tiny_teacher_dir: Path, text_data: Path
+) -> None:
+    out = tmp_path / "big_k"
+    args = dump_args(tiny_teacher_dir, text_data, out)
+    args[args.index("--k") + 1] = "301"
+    result = run_cli(*args, ok=False)
+    assert result.exit_code == 1 and "exceeds the teacher's vocabulary of 300" in result.output
+    assert not out.exists()
+
+
+def test_refuses_missing_data_and_long_rows(tmp_path: Path, tiny_teacher_dir: Path) -> None:
+    result = run_cli(
+        *dump_args(tiny_teacher_dir, tmp_path / "nope.jsonl", tmp_path / "c"), ok=False
+    )
+    assert result.exit_code == 1 and "nope.jsonl" in result.output
+    data = tmp_path / "d.txt"
+    data.write_text("hello world\n")
+    args = dump_args(tiny_teacher_dir, data, tmp_path / "c")
+    args[args.index("--seq-len") + 1] = "1000"
+    result = run_cli(*args, ok=False)
+    assert result.exit_code == 1 and "exceeds the teacher's context of 256" in result.output
+
+
+def test_nan_teacher_is_reported_and_nothing_committed(
+    tmp_path: Path, tiny_teacher_dir: Path, text_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.syspath_prepend(str(TESTS))
+    monkeypatch.setenv("LOGITCACHE_TEST_TEACHER", str(tiny_teacher_dir))
+    out = tmp_path / "nan"
+    result = run_cli(*dump_args("dump_factories:nan", text_data, out), ok=False)
+    assert result.exit_code == 1 and "NaN/inf logits in row(s) [0, 1, 2" in result.output
+    assert not (out / "manifest.json").exists()
+
+
+class _FailingWriter:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def write(self, *args: Any, **kwargs: Any) -> None:
+        self.calls += 1
+        if self.calls == 2:
+            raise WriterError("disk full")
+
+
+def test_background_writer_raises_thread_errors_in_main_thread() -> None:
+    from logitcache.inputs import RowBatch
+
+    stats = SimpleNamespace(captured_mass=None, entropy=None)
+    item = (RowBatch(np.zeros(1), np.zeros((1, 2)), np.zeros((1, 2))),
+            SimpleNamespace(targets=None, stats=stats))  # fmt: skip
+    writer = _FailingWriter()
+    bg = BackgroundWriter(writer, depth=1)  # type: ignore[arg-type]
+    with pytest.raises(WriterError, match="disk full"):
+        for _ in range(100):
+            bg.put(*item)  # type: ignore[arg-type]
+        bg.close()
+    bg.abandon()
+    assert writer.calls == 2
