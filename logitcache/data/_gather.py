@@ -28,6 +28,9 @@ __all__ = [
     "ragged_arange",
 ]
 
+#: up to this many rows of one shard, positions are copied row by row as contiguous slices
+_SLICE_ROWS = 64
+
 
 @dataclass(frozen=True, eq=False)
 class ShardView:
@@ -104,18 +107,29 @@ def gather_positions(
         view = views[s]
         rows = local[sel]
         starts = view.pos_off[rows]
-        src = ragged_arange(starts, view.pos_off[rows + 1] - starts)
-        # which of the rows' stored positions are kept, in the same row-major order
-        src = src[keep[sel][stored[sel]]]
+        ends = view.pos_off[rows + 1]
+        src = ragged_arange(starts, ends - starts)
+        whole_rows = bool(np.array_equal(keep[sel], stored[sel]))
+        if not whole_rows:  # which of the rows' stored positions are kept, row-major
+            src = src[keep[sel][stored[sel]]]
         sources[s] = src
+        if whole_rows and len(sel) <= _SLICE_ROWS:
+            # each row's positions are one contiguous run: memcpy slices beat a fancy gather
+            for name in arrays:
+                arr, dst = view.data.targets[name], out[name]
+                for r0, r1, d0 in zip(
+                    starts.tolist(), ends.tolist(), dst_off[sel].tolist(), strict=True
+                ):
+                    dst[d0 : d0 + r1 - r0] = arr[r0:r1]
+            continue
         whole = len(sel) == b
-        dst = None if whole else ragged_arange(dst_off[sel], kept_per_row[sel])
+        dst_idx = None if whole else ragged_arange(dst_off[sel], kept_per_row[sel])
         for name in arrays:
             arr = view.data.targets[name]
             if whole:
                 np.take(arr, src, axis=0, out=out[name])
             else:
-                out[name][dst] = np.take(arr, src, axis=0)
+                out[name][dst_idx] = np.take(arr, src, axis=0)
     return out, sources
 
 

@@ -49,7 +49,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 
 from logitcache.data._gather import (
     ShardView,
@@ -58,6 +57,7 @@ from logitcache.data._gather import (
     gather_rows,
     ragged_arange,
 )
+from logitcache.data._packing import pack
 from logitcache.errors import CacheCorruptError, ConfigError
 from logitcache.format._sparse import join_planes, sqrt_tables
 from logitcache.format.manifest import Manifest
@@ -176,10 +176,7 @@ class Collator:
             out.update(self._topk(self.codec, pos))
         elif isinstance(self.codec, SampledCodec):
             out.update(self._sampled(self.codec, views, shard, keep, sources, pos))
-        return {
-            k: torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v
-            for k, v in out.items()
-        }
+        return pack(out)
 
     # -- top-k ---------------------------------------------------------------------------------
 

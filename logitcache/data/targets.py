@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from logitcache.data._packing import unpack
 from logitcache.data.prefetch import Batch
 from logitcache.errors import ConfigError
 from logitcache.format.codec import TargetCodec
@@ -69,7 +70,7 @@ class TargetDequantizer:
         return self._table_np, self._on_device[device]
 
     def __call__(self, batch: Batch) -> Batch:
-        out = dict(batch)
+        out = unpack(batch)
         if "value_code" in out:
             codes = out.pop("value_code")
             lognorm = out.pop("value_lognorm")
