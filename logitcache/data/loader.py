@@ -109,6 +109,7 @@ class CachedLogitLoader:
         max_cached_shards: int = 16,
         storage_options: Mapping[str, Any] | None = None,
         background: bool | None = None,
+        split: tuple[str, float] | None = None,
     ) -> None:
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
             raise ConfigError(f"num_workers must be an integer >= 0, got {num_workers!r}")
@@ -125,6 +126,7 @@ class CachedLogitLoader:
             rank=rank,
             world_size=world_size,
             drop_last=drop_last,
+            split=split,
         )
         self.dataset: CachedLogitDataset | StreamingLogitDataset
         if order == "random":
@@ -250,7 +252,8 @@ def make_loader(
     default to torch.distributed's. ``device`` defaults to CUDA when available (pinned memory, side
     stream copies) else CPU. ``top_k``, ``keep_tail``, ``temperature``, ``positions``: see
     :class:`~logitcache.data.collate.TargetOptions`. Other keyword arguments go to
-    :class:`CachedLogitLoader` (``window_shards``, ``readahead``, ``drop_last``, ``verify``,
+    :class:`CachedLogitLoader` (``split``: ``("train" | "eval", held-out fraction)``,
+    ``window_shards``, ``readahead``, ``drop_last``, ``verify``,
     ``timeout``, ``max_cached_shards``, ``storage_options``, ``background``).
     """
     options = TargetOptions(

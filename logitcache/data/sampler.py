@@ -15,6 +15,11 @@ Orders (``order=``):
   slice of every shard in the window (each rank touches ``window_shards`` shards at a time).
 - ``"sequential"``: rows 0..N-1, for evaluation.
 
+Splits (``split=("train" | "eval", fraction)``): :func:`split_mask` holds out a fixed,
+seed-independent ``fraction`` of the rows (by a hash of the global row index); the "train" sampler
+never yields them and the "eval" sampler yields only them. Orders are built over all rows and then
+filtered, so a split keeps each order's locality (streaming windows stay windows).
+
 Shuffles hash ``(seed, epoch, row)`` with splitmix64 and sort the hashes; they do not use
 ``numpy.random``, whose streams may change between numpy versions: a resumed run on another machine
 must rebuild the very same order, and ``ORDER_VERSION`` in the state dict guards the algorithm.
@@ -66,12 +71,22 @@ import torch.utils.data
 
 from logitcache.errors import ConfigError, LoaderError
 
-__all__ = ["ORDERS", "ORDER_VERSION", "RowBatch", "RowSampler"]
+__all__ = ["ORDERS", "ORDER_VERSION", "SPLITS", "RowBatch", "RowSampler", "split_mask"]
 
 ORDERS = ("random", "streaming", "sequential")
 ORDER_VERSION = 1
 _STATE_KEYS = frozenset(
-    {"order_version", "epoch", "seed", "consumed_rows", "num_rows", "shards", "order", "window"}
+    {
+        "order_version",
+        "epoch",
+        "seed",
+        "consumed_rows",
+        "num_rows",
+        "shards",
+        "order",
+        "window",
+        "split",
+    }
 )
 _U64 = np.uint64
 
@@ -115,6 +130,26 @@ def _hash_keys(seed: int, epoch: int, stream: int, ids: np.ndarray) -> np.ndarra
     return _splitmix64(ids.astype(_U64) ^ base)
 
 
+SPLITS = ("train", "eval")
+_SPLIT_SEED = 0x5EED_E7A1  # fixed: the held-out rows do not change with the training seed
+
+
+def split_mask(num_rows: int, name: str, fraction: float) -> np.ndarray:
+    """bool [num_rows]: the global rows in split ``name`` when ``fraction`` of them are held out.
+
+    A row is held out ("eval") when the hash of its global index falls below ``fraction``: a
+    fixed, seed-independent selection spread over all shards, so every run on a cache evaluates
+    on the same rows and the two splits never overlap.
+    """
+    if name not in SPLITS:
+        raise ConfigError(f"split must be one of {SPLITS}, got {name!r}")
+    if not 0.0 < float(fraction) < 1.0:
+        raise ConfigError(f"held-out fraction must be in (0, 1), got {fraction!r}")
+    keys = _hash_keys(_SPLIT_SEED, 0, 3, np.arange(num_rows, dtype=np.int64))
+    held_out = keys < _U64(int(float(fraction) * 2.0**64))
+    return held_out if name == "eval" else ~held_out
+
+
 def _check_int(name: str, value: object, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
@@ -154,6 +189,7 @@ class RowSampler:
         rank: int | None = None,
         world_size: int | None = None,
         drop_last: bool = False,
+        split: tuple[str, float] | None = None,
     ) -> None:
         sizes = [_check_int("shard size", s, 0) for s in shard_sizes]
         if not sizes or sum(sizes) == 0:
@@ -171,12 +207,21 @@ class RowSampler:
         self.epoch = 0
         self.consumed_rows = 0
         self._cached: tuple[tuple[int, int], np.ndarray] | None = None
+        self.split = split
+        self._keep = None if split is None else split_mask(int(self._offsets[-1]), *split)
+        self._num_rows = int(self._offsets[-1]) if self._keep is None else int(self._keep.sum())
+        if self._num_rows == 0:
+            raise ConfigError(
+                f"the {split[0]!r} split (held-out fraction {split[1]}) of this cache is empty; "  # type: ignore[index]
+                "raise the fraction or use a bigger cache"
+            )
 
     # -- shape of the cache ------------------------------------------------------------------
 
     @property
     def num_rows(self) -> int:
-        return int(self._offsets[-1])
+        """Rows this sampler serves: the whole cache, or the rows of its split."""
+        return self._num_rows
 
     @property
     def num_shards(self) -> int:
@@ -190,10 +235,9 @@ class RowSampler:
     def locate(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Map global row ids to ``(shard index, row index within the shard)``."""
         rows = np.asarray(rows, dtype=np.int64)
-        if rows.size and (rows.min() < 0 or rows.max() >= self.num_rows):
-            raise ConfigError(
-                f"row ids must be in [0, {self.num_rows}), got {rows.min()}..{rows.max()}"
-            )
+        total = int(self._offsets[-1])
+        if rows.size and (rows.min() < 0 or rows.max() >= total):
+            raise ConfigError(f"row ids must be in [0, {total}), got {rows.min()}..{rows.max()}")
         shard = np.searchsorted(self._offsets, rows, side="right") - 1
         return shard, rows - self._offsets[shard]
 
@@ -210,7 +254,11 @@ class RowSampler:
         return self._cached[1]
 
     def _build_order(self, epoch: int) -> np.ndarray:
-        n = self.num_rows
+        rows = self._build_full_order(epoch)
+        return rows if self._keep is None else rows[self._keep[rows]]
+
+    def _build_full_order(self, epoch: int) -> np.ndarray:
+        n = int(self._offsets[-1])
         dtype = np.int32 if n < 2**31 else np.int64
         if self.order == "sequential":
             return np.arange(n, dtype=dtype)
@@ -318,6 +366,7 @@ class RowSampler:
             "shards": self._fingerprint(),
             "order": self.order,
             "window": self.window_shards if self.order == "streaming" else None,
+            "split": None if self.split is None else [self.split[0], float(self.split[1])],
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -328,7 +377,7 @@ class RowSampler:
         mine = self.state_dict()
         problems = [
             f"{k}: state has {state[k]!r}, this sampler has {mine[k]!r}"
-            for k in ("order_version", "num_rows", "shards", "order", "window")
+            for k in ("order_version", "num_rows", "shards", "order", "window", "split")
             if state[k] != mine[k]
         ]
         if problems:

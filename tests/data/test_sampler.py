@@ -204,3 +204,23 @@ def test_epoch_end_and_bad_arguments() -> None:
         RowSampler(SHARDS, 0)
     with pytest.raises(ConfigError):
         s.locate(np.array([N]))
+
+
+def test_split_partitions_rows_independent_of_seed() -> None:
+    sizes = [40, 0, 57, 33]
+    seen = {}
+    for name in ("train", "eval"):
+        rows = []
+        for seed in (0, 1):
+            s = RowSampler(sizes, 8, order="streaming", seed=seed, split=(name, 0.2))
+            got = np.concatenate([b.rows[~b.is_pad] for b in s.iter_batches()])
+            assert len(got) == len(set(got.tolist())) == s.num_rows
+            rows.append(set(got.tolist()))
+        assert rows[0] == rows[1]  # the held-out set does not move with the seed
+        seen[name] = rows[0]
+    assert seen["train"].isdisjoint(seen["eval"])
+    assert seen["train"] | seen["eval"] == set(range(sum(sizes)))
+    assert 0.1 < len(seen["eval"]) / sum(sizes) < 0.3
+    s = RowSampler(sizes, 8, split=("train", 0.2))
+    with pytest.raises(ConfigError, match="split"):
+        RowSampler(sizes, 8).load_state_dict(s.state_dict())
