@@ -85,29 +85,41 @@ def sparsify_chunk(
     temperatures: tuple[float, ...],
     row_ids: torch.Tensor,
     positions: torch.Tensor,
+    work: torch.Tensor | None = None,
 ) -> ChunkResult:
-    """Sparsify float32 logits ``z`` [N, V] (overwritten). row_ids/positions [N] int64."""
-    finite = torch.isfinite(z).all(dim=1)
-    lse = torch.logsumexp(z, dim=1, keepdim=True)
-    logp = z.sub_(lse)
-    n, vocab = logp.shape
+    """Sparsify float32 logits ``z`` [N, V] (overwritten). row_ids/positions [N] int64.
+
+    ``work`` (optional, float32, at least [N, V]) is scratch space reused across chunks: a fresh
+    [N, V] buffer costs page faults on every chunk on a CPU. The passes over [N, V] are kept to a
+    minimum (max, subtract, exp, sum, subtract, dot, top-k, sum): at V = 49k this is memory-bound
+    work beside the head's matmul, and each pass shows in the dump's throughput.
+    """
+    n, vocab = z.shape
+    # the row sum is finite iff every logit is (logits are O(100), far from float32 overflow)
+    finite = torch.isfinite(z.sum(dim=1))
+    z.sub_(z.amax(dim=1, keepdim=True))
+    e = torch.exp(z, out=work[:n] if work is not None else None)  # exp(z - max), unnormalised
+    total = e.sum(dim=1)
+    log_total = total.log()
+    logp = z.sub_(log_total[:, None])
+    # entropy = -sum p logp as a batched dot product: no [N, V] temporary
+    entropy = -torch.bmm(e[:, None, :], logp[:, :, None]).view(n) / total
     tln = (
         torch.stack([torch.logsumexp(logp / t, dim=1) for t in temperatures], dim=1)
         if temperatures
         else logp.new_zeros((n, 0))
     )
-    p = logp.exp()
-    entropy = -(p * logp).sum(dim=1)
     if method == "topk":
         k_eff = min(k, vocab)
         vals, ids = logp.topk(k_eff, dim=1, sorted=True)
         captured = vals.exp().sum(dim=1)
-        tail = torch.logsumexp(logp.scatter_(1, ids, float("-inf")), dim=1)
+        # the tail summed directly over the ids outside the top-k, never as 1 - captured
+        tail = e.scatter_(1, ids, 0.0).sum(dim=1).log_() - log_total
         if k_eff < k:  # fewer ids than k exist: pad as TopKTargets documents
             ids = torch.cat([ids, ids.new_zeros((n, k - k_eff))], dim=1)
             vals = torch.cat([vals, vals.new_full((n, k - k_eff), float("-inf"))], dim=1)
         return ChunkResult(ids, vals, tail, None, None, tln, captured, entropy, finite)
-    cdf = torch.cumsum(p, dim=1, out=p)
+    cdf = torch.cumsum(e, dim=1, out=e)  # unnormalised: the uniforms are scaled by its end
     u = uniforms(seed, row_ids, positions, num_samples) * cdf[:, -1:]
     drawn = torch.searchsorted(cdf, u, right=True).clamp_(max=vocab - 1)
     drawn, _ = drawn.sort(dim=1)

