@@ -27,7 +27,7 @@ def _read_config(path: str) -> dict[str, Any]:
         raise ConfigError(f"--config {path}: cannot read it ({e})") from e
     if p.suffix in (".yaml", ".yml"):
         try:
-            import yaml
+            import yaml  # type: ignore[import-untyped]
         except ImportError as e:
             raise ConfigError(
                 f"--config {path}: reading YAML needs PyYAML (pip install pyyaml), "
@@ -89,6 +89,11 @@ def _options(fn: Any) -> Any:
             "--grad-accum", type=int, help="Micro-batches per optimizer step (default 1)."
         ),
         click.option("--max-steps", type=int, help="Optimizer steps (default 100)."),
+        click.option(
+            "--stop-after",
+            type=int,
+            help="Stop at this step with a checkpoint (time-limited jobs); --resume continues.",
+        ),
         click.option("--lr", type=float, help="Peak learning rate of AdamW (default 5e-4)."),
         click.option("--weight-decay", type=float, help="AdamW weight decay (default 0.01)."),
         click.option(

@@ -26,7 +26,7 @@ import numpy as np
 from logitcache.errors import CodecError
 from logitcache.format.targets import SampledTargets, TopKTargets
 
-__all__ = ["ArraySpec", "Level", "Targets", "TargetCodec", "codec_from_dict", "register_codec"]
+__all__ = ["ArraySpec", "Level", "TargetCodec", "Targets", "codec_from_dict", "register_codec"]
 
 Level = Literal["position", "entry"]
 Targets = TopKTargets | SampledTargets

@@ -1,0 +1,478 @@
+"""``logitcache train``: distil a student from a cache alone, on one device or under torchrun.
+
+A flat, top-to-bottom trainer (it reads better long than split into callbacks):
+
+1. validate the whole configuration at once and report every problem together;
+2. open the cache (manifest only), load the student, refuse a student that does not fit it;
+3. build the resumable loader (rows split by rank and worker; held-out rows excluded);
+4. each optimizer step takes ``grad_accum`` batches per rank. The loss is normalised once per
+   step by the number of target positions *across all micro-batches and ranks* (one all-reduce of
+   a scalar), so a step's gradient is the mean over every position of the global batch whatever
+   the world size, and DDP's own averaging is undone by scaling with the world size;
+5. evaluation on held-out rows every ``eval_every`` steps and at the end, logged as JSON lines in
+   ``OUT/metrics.jsonl``; checkpoints every ``save_every`` steps and at the end (atomic, rotated);
+   the final student is saved to ``OUT/final`` (``from_pretrained`` loads it).
+
+``stop_after`` ends the run early at that step with a checkpoint (a time-limited job), without
+changing the schedule, which depends on ``max_steps`` only. Resume (``resume=True``) restores
+model, optimizer, scheduler, RNG and loader position from the newest checkpoint, so on CPU a
+resumed run reproduces an uninterrupted run's losses bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from logitcache._checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from logitcache._student import (
+    Student,
+    check_compatible,
+    decoder_and_head,
+    load_student,
+    target_logits,
+)
+from logitcache.data import make_loader
+from logitcache.data.targets import teacher_targets
+from logitcache.errors import ConfigError
+from logitcache.evaluate import evaluate
+from logitcache.loss import LOSS_NAMES, KDConfig, fused_linear_kd_loss, kd_loss
+from logitcache.store import CacheReader
+
+__all__ = ["TrainConfig", "train"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run needs; the CLI flags and the config file map onto these."""
+
+    cache: str
+    out: str
+    student: str | None = None
+    student_config: str | None = None
+    loss: str = "kl"
+    temperature: float = 1.0
+    alpha: float = 0.0
+    beta: float = 0.5
+    fused: bool = False
+    top_k: int | None = None
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_steps: int = 100
+    stop_after: int | None = None
+    lr: float = 5e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+    clip: float = 1.0
+    seed: int = 0
+    eval_every: int = 0
+    eval_fraction: float = 0.0
+    eval_cache: str | None = None
+    eval_batches: int | None = None
+    save_every: int = 0
+    keep: int = 2
+    num_workers: int = 0
+    order: str = "streaming"
+    resume: bool = False
+    device: str = "auto"
+    bf16: bool | None = None
+    compile: bool = False
+    allow_vocab_mismatch: bool = False
+    log_every: int = 10
+    progress: bool = True
+    storage_options: Mapping[str, Any] = field(default_factory=dict)
+
+    def problems(self) -> list[str]:
+        """Every invalid setting, each with its fix (empty when the config is valid)."""
+        p: list[str] = []
+        if (self.student is None) == (self.student_config is None):
+            p.append("give exactly one of student (a HF model dir) or student_config (a JSON)")
+        if self.loss not in LOSS_NAMES:
+            p.append(f"loss {self.loss!r} is not one of {', '.join(LOSS_NAMES)}")
+        for name in ("batch_size", "grad_accum", "max_steps", "keep", "log_every"):
+            if getattr(self, name) < 1:
+                p.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "eval_every", "save_every", "num_workers", "seed"):
+            if getattr(self, name) < 0:
+                p.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            p.append(f"lr must be > 0, got {self.lr}")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            p.append(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.eval_fraction and self.eval_cache:
+            p.append("give eval_fraction or eval_cache, not both")
+        if self.stop_after is not None and self.stop_after < 1:
+            p.append(f"stop_after must be >= 1, got {self.stop_after}")
+        if self.top_k is not None and self.top_k < 1:
+            p.append(f"top_k must be >= 1, got {self.top_k}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            p.append(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        try:
+            KDConfig(self.loss, self.temperature, self.alpha, self.beta)
+        except ConfigError as e:
+            p.append(str(e))
+        return p
+
+    def fingerprint(self, manifest_digest: str, world_size: int) -> dict[str, Any]:
+        """What a resumed run must share with the run that wrote the checkpoint."""
+        keep = (
+            "student",
+            "student_config",
+            "loss",
+            "temperature",
+            "alpha",
+            "beta",
+            "fused",
+            "top_k",
+            "lr",
+            "weight_decay",
+            "warmup_steps",
+            "min_lr_ratio",
+            "clip",
+            "seed",
+            "eval_fraction",
+            "max_steps",
+            "order",
+        )
+        d = {k: getattr(self, k) for k in keep}
+        d["cache_manifest_sha256"] = manifest_digest
+        d["global_batch"] = self.batch_size * self.grad_accum * world_size
+        return d
+
+    @classmethod
+    def from_mapping(cls, d: Mapping[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown training settings {unknown}; known: {sorted(known)}")
+        return cls(**dict(d))
+
+
+# -- set-up ---------------------------------------------------------------------------------
+
+
+def _init_distributed(device_kind: str) -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device_kind == "cuda" else "gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as e:
+        raise ConfigError(f"device {name!r}: {e}") from e
+
+
+def _check_out_dir(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(
+            f"output directory {out} is not writable ({e}); choose another --out"
+        ) from e
+
+
+def _schedule(cfg: TrainConfig) -> Any:
+    def factor(step: int) -> float:
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        span = max(1, cfg.max_steps - cfg.warmup_steps)
+        t = min(1.0, (step - cfg.warmup_steps) / span)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+    return factor
+
+
+class _HiddenStates(nn.Module):
+    """The decoder only, for the fused loss; wraps the whole LM so DDP also syncs the head."""
+
+    def __init__(self, lm: nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        base, _ = decoder_and_head(self.lm)
+        return base(input_ids=input_ids).last_hidden_state
+
+
+def _batches(loader: Any) -> Iterator[dict[str, Any]]:
+    """Endless batches: the loader moves on to the next epoch by itself."""
+    while True:
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:
+            raise ConfigError("the training split of the cache yields no batches")
+
+
+# -- the loop --------------------------------------------------------------------------------
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Run training; returns the final summary (also written to ``OUT/summary.json``)."""
+    problems = cfg.problems()
+    if problems:
+        raise ConfigError("invalid training config:\n  - " + "\n  - ".join(problems))
+    device = _device(cfg.device)
+    rank, world = _init_distributed(device.type)
+    out = Path(cfg.out)
+    if rank == 0:
+        _check_out_dir(out)
+    reader = CacheReader(cfg.cache, storage_options=cfg.storage_options)
+    manifest = reader.manifest
+    manifest_digest = _manifest_digest(reader)
+    student: Student = load_student(cfg.student, cfg.student_config, cfg.seed)
+    check_compatible(
+        student,
+        manifest,
+        allow_vocab_mismatch=cfg.allow_vocab_mismatch,
+        cache_name=f"cache {cfg.cache}",
+    )
+    if cfg.eval_cache:
+        check_compatible(
+            student,
+            CacheReader(cfg.eval_cache).manifest,
+            allow_vocab_mismatch=cfg.allow_vocab_mismatch,
+            cache_name=f"eval cache {cfg.eval_cache}",
+        )
+    torch.manual_seed(cfg.seed)
+    model = student.model.to(device)
+    model.train()
+    use_bf16 = device.type == "cuda" if cfg.bf16 is None else cfg.bf16
+    net: nn.Module = _HiddenStates(model) if cfg.fused else model
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(
+            net, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    if cfg.compile:
+        net = torch.compile(net)  # type: ignore[assignment]
+
+    loader_kw: dict[str, Any] = dict(
+        seed=cfg.seed,
+        num_workers=cfg.num_workers,
+        rank=rank,
+        world_size=world,
+        device=device,
+        top_k=cfg.top_k,
+        storage_options=cfg.storage_options,
+        temperature=cfg.temperature if cfg.temperature in manifest.targets.temperatures else None,
+    )
+    split = ("train", cfg.eval_fraction) if cfg.eval_fraction else None
+    loader = make_loader(cfg.cache, cfg.batch_size, order=cfg.order, split=split, **loader_kw)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg))
+    fingerprint = cfg.fingerprint(manifest_digest, world)
+
+    step = 0
+    ckpt_root = out / "checkpoints"
+    if cfg.resume:
+        ckpt = latest_checkpoint(ckpt_root)
+        if ckpt is None:
+            raise ConfigError(f"--resume: no checkpoint under {ckpt_root}; drop --resume to start")
+        state = load_checkpoint(ckpt, model, optimizer, scheduler, fingerprint)
+        step = int(state["step"])
+        loader.load_state_dict(state["loader"])
+
+    def eval_logits(batch: dict[str, Any]) -> Tensor:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            return target_logits(model, batch).float()
+
+    def run_eval() -> dict[str, float] | None:
+        if not (cfg.eval_fraction or cfg.eval_cache):
+            return None
+        url = cfg.eval_cache or cfg.cache
+        eval_split = ("eval", cfg.eval_fraction) if cfg.eval_fraction else None
+        ev = make_loader(url, cfg.batch_size, order="sequential", split=eval_split, **loader_kw)
+        model.eval()
+        try:
+            return evaluate(ev, eval_logits, teacher_targets, device, cfg.eval_batches)
+        finally:
+            model.train()
+            ev.close()
+
+    log = _Logger(out, rank == 0, cfg.progress)
+    batches = _batches(loader)
+    t0, tokens = time.perf_counter(), 0
+    losses: list[float] = []
+    start_step = step
+    last = cfg.max_steps if cfg.stop_after is None else min(cfg.max_steps, cfg.stop_after)
+    while step < last:
+        micro = [next(batches) for _ in range(cfg.grad_accum)]
+        count = torch.tensor(float(sum(b["target_index"].numel() for b in micro)), device=device)
+        if world > 1:
+            dist.all_reduce(count)
+        scale = world / count.clamp(min=1.0)
+        step_loss = torch.zeros((), device=device)
+        for i, batch in enumerate(micro):
+            sync = i == len(micro) - 1 or world == 1
+            skip_sync = isinstance(net, nn.parallel.DistributedDataParallel) and not sync
+            with net.no_sync() if skip_sync else contextlib.nullcontext():  # type: ignore[operator]
+                total = _micro_loss(cfg, net, model, batch, device, use_bf16)
+                (total * scale).backward()
+            step_loss += total.detach()
+            tokens += batch["input_ids"].numel() * world
+        if cfg.clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if world > 1:
+            dist.all_reduce(step_loss)
+        loss_value = float(step_loss / count.clamp(min=1.0))
+        losses.append(loss_value)
+        step += 1
+        elapsed = time.perf_counter() - t0
+        rate = (step - start_step) / elapsed if elapsed else 0.0
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            log.record(
+                {
+                    "step": step,
+                    "loss": loss_value,
+                    "lr": scheduler.get_last_lr()[0],
+                    "tokens": tokens,
+                    "steps_per_s": rate,
+                }
+            )
+        log.progress(step, cfg.max_steps, loss_value, rate)
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
+            metrics = run_eval()
+            if metrics is not None:
+                log.record({"step": step, "eval": metrics})
+        if (cfg.save_every and step % cfg.save_every == 0) or step == last:
+            if rank == 0:
+                save_checkpoint(
+                    ckpt_root,
+                    step,
+                    model,
+                    optimizer,
+                    scheduler,
+                    {"fingerprint": fingerprint, "loader": loader.state_dict()},
+                    cfg.keep,
+                )
+            if world > 1:
+                dist.barrier()
+    loader.close()
+    final_metrics = run_eval()
+    elapsed = time.perf_counter() - t0
+    summary = {
+        "steps": step,
+        "steps_run": step - start_step,
+        "final_loss": losses[-1] if losses else None,
+        "losses": losses,
+        "steps_per_s": (step - start_step) / elapsed if elapsed else None,
+        "tokens_per_s": tokens / elapsed if elapsed else None,
+        "eval": final_metrics,
+        "world_size": world,
+    }
+    if rank == 0:
+        final = out / "final"
+        model.save_pretrained(final, safe_serialization=True)  # type: ignore[operator]
+        if student.tokenizer is not None:
+            student.tokenizer.save_pretrained(final)
+        if final_metrics is not None:
+            log.record({"step": step, "eval": final_metrics, "final": True})
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        log.table(summary)
+    return summary
+
+
+def _micro_loss(
+    cfg: TrainConfig,
+    net: nn.Module,
+    model: nn.Module,
+    batch: dict[str, Any],
+    device: torch.device,
+    use_bf16: bool,
+) -> Tensor:
+    """The loss *sum* of one micro-batch over its target positions."""
+    teacher = teacher_targets(batch)
+    labels = batch["target_labels"] if cfg.alpha > 0 else None
+    kw: dict[str, Any] = dict(
+        loss=cfg.loss, temperature=cfg.temperature, alpha=cfg.alpha, beta=cfg.beta
+    )
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        if cfg.fused:
+            hidden = net(batch["input_ids"]).flatten(0, 1).index_select(0, batch["target_index"])
+            _, head = decoder_and_head(model)
+            total, _ = fused_linear_kd_loss(hidden, head.weight, head.bias, teacher, labels, **kw)
+        else:
+            logits = net(input_ids=batch["input_ids"]).logits
+            z = logits.flatten(0, 1).index_select(0, batch["target_index"])
+            total, _ = kd_loss(z, teacher, labels, **kw)
+    return total.float()
+
+
+def _manifest_digest(reader: CacheReader) -> str:
+    return hashlib.sha256(reader.loc.read_bytes("manifest.json")).hexdigest()
+
+
+class _Logger:
+    """JSON lines in OUT/metrics.jsonl and a one-line progress display (rank 0 only)."""
+
+    def __init__(self, out: Path, active: bool, progress: bool) -> None:
+        self.active = active
+        self.show = progress and active
+        self.path = out / "metrics.jsonl"
+        self.tty = sys.stderr.isatty()
+
+    def record(self, entry: dict[str, Any]) -> None:
+        if not self.active:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(entry) + "\n")
+        if self.show and "eval" in entry:
+            ev = entry["eval"]
+            msg = ", ".join(f"{k} {v:.4g}" for k, v in ev.items() if k != "positions")
+            print(f"\n[step {entry['step']}] eval: {msg}", file=sys.stderr, flush=True)
+
+    def progress(self, step: int, total: int, loss: float, rate: float) -> None:
+        if not self.show:
+            return
+        eta = (total - step) / rate if rate else float("nan")
+        line = f"step {step}/{total}  loss {loss:.4f}  {rate:.2f} steps/s  eta {eta:.0f}s"
+        if self.tty:
+            print("\r" + line, end="", file=sys.stderr, flush=True)
+        elif step == total or step % max(1, total // 10) == 0:
+            print(line, file=sys.stderr, flush=True)
+
+    def table(self, summary: dict[str, Any]) -> None:
+        if not self.show:
+            return
+        rows = [
+            ("steps", summary["steps"]),
+            ("final loss", summary["final_loss"]),
+            ("steps/s", summary["steps_per_s"]),
+            ("tokens/s", summary["tokens_per_s"]),
+        ]
+        for k, v in (summary["eval"] or {}).items():
+            rows.append((f"eval {k}", v))
+        print("", file=sys.stderr)
+        for k, v in rows:
+            val = f"{v:.4f}" if isinstance(v, float) else str(v)
+            print(f"  {k:<22} {val}", file=sys.stderr)
