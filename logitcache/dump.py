@@ -185,12 +185,18 @@ def dump(config: DumpConfig) -> DumpResult:
         config.out,
         overwrite=config.overwrite,
         resume=config.resume,
+        part=info.part,
         storage_options=config.storage_options,
     )
     options = config.input_options()
     data_fp = dataset_fingerprint(config.data, options, quick=config.quick_fingerprint)
-    group = RankGroup(info)
+    group = RankGroup(info)  # under torchrun: a rendezvous, so every rank passed the checks above
     try:
+        if info.world_size > 1 and config.overwrite and not group.active:
+            raise ConfigError(
+                "--overwrite with several ranks needs torchrun (rank 0 clears the output while "
+                "the others wait); clear the output yourself, or launch with torchrun"
+            )
         teacher = load_teacher(
             config.teacher,
             teacher_file=config.teacher_file,

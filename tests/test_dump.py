@@ -251,6 +251,31 @@ def test_two_rank_torchrun_equals_one_rank(
         np.testing.assert_allclose(ra.targets.logprobs, rb.targets.logprobs, atol=1e-5)
 
 
+def test_ranks_without_rendezvous_then_finalize(
+    tmp_path: Path,
+    tiny_teacher_dir: Path,
+    text_data: Path,
+    reference_cache: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    out = tmp_path / "parts"
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank in (1, 0):
+        monkeypatch.setenv("RANK", str(rank))
+        result = run_cli(*dump_args(tiny_teacher_dir, text_data, out, *REF_OPTS, "--no-count"))
+        assert not (out / "manifest.json").exists()
+    assert "logitcache finalize" in result.output
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("RANK", "0")
+    result = run_cli("finalize", str(out), "--world-size", "3", ok=False)
+    assert result.exit_code == 1 and "'rank00002' has not completed" in result.output
+    run_cli("finalize", str(out), "--world-size", "2")
+    a, b = load_cache(reference_cache), load_cache(out)
+    assert sorted(a) == sorted(b)
+    assert all(np.array_equal(a[r].targets.ids, b[r].targets.ids) for r in a)
+
+
 def _shard_files(url: Path) -> list[tuple[str, int, str]]:
     return [
         (f["path"], f["bytes"], f["sha256"]) for s in manifest(url)["shards"] for f in s["files"]

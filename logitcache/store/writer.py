@@ -462,18 +462,33 @@ def check_output(
     overwrite: bool = False,
     resume: bool = False,
     clear: bool = False,
+    part: str | None = None,
     storage_options: Mapping[str, Any] | None = None,
 ) -> None:
     """Refuse ``url`` as a new cache's output the way :class:`CacheWriter` would, before any
     work is done: a committed cache needs ``overwrite``; shards of an unfinished dump need
-    ``resume`` or ``overwrite``. With ``overwrite`` and ``clear`` the old contents are removed
-    (one process of a multi-writer dump does this, then the writers start with ``part=...``)."""
+    ``resume`` or ``overwrite``. With ``part``, only that part's own progress counts (the other
+    writers of a multi-writer cache may already be writing). With ``overwrite`` and ``clear``
+    the old contents are removed (one process of a multi-writer dump does this, then the
+    writers start)."""
     if overwrite and resume:
         raise ConfigError("overwrite and resume exclude each other; pick one")
     loc = open_location(url, storage_options)
     if overwrite and not clear:
         return
-    _refuse_existing(loc, overwrite, resume)
+    if part is None or overwrite:
+        _refuse_existing(loc, overwrite, resume)
+        return
+    if loc.exists(MANIFEST_NAME):
+        raise WriterError(
+            f"{loc.url} already holds a committed cache; choose another output, or pass "
+            "overwrite=True (--overwrite) to replace it"
+        )
+    if not resume and loc.exists(f"{PROGRESS_DIR}/{part}.json"):
+        raise CacheIncompleteError(
+            f"{loc.url} holds shards of an unfinished dump by {part}; pass resume=True "
+            "(--resume) to continue it or overwrite=True (--overwrite) to start again"
+        )
 
 
 def _row_bytes(data: ShardData, specs: Sequence[Any], count_array: str | None) -> np.ndarray:
