@@ -87,12 +87,14 @@ def gather_positions(
     stored: np.ndarray,
     keep: np.ndarray,
     arrays: tuple[str, ...],
+    out: Mapping[str, np.ndarray] | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[int, np.ndarray]]:
     """Position-level ``arrays`` at the kept positions, flattened in batch row-major order.
 
     ``stored`` [B, S]: the rows' loss masks (where positions exist); ``keep`` [B, S]: the subset to
-    gather. Returns the arrays and, per shard, the source position indices (entry-level gathers
-    reuse them).
+    gather. ``out`` (optional): arrays of ``keep.sum()`` items to write into (e.g. views of a
+    shared batch buffer) instead of new ones. Returns the arrays and, per shard, the source
+    position indices (entry-level gathers reuse them).
     """
     b = len(shard)
     kept_per_row = keep.sum(axis=1)
@@ -100,7 +102,12 @@ def gather_positions(
     np.cumsum(kept_per_row, out=dst_off[1:])
     n = int(dst_off[-1])
     first = views[int(shard[0])].data.targets if b else {}
-    out = {name: np.empty((n, *first[name].shape[1:]), dtype=first[name].dtype) for name in arrays}
+    dst_arrays = {
+        name: np.empty((n, *first[name].shape[1:]), dtype=first[name].dtype)
+        if out is None
+        else out[name]
+        for name in arrays
+    }
     sources: dict[int, np.ndarray] = {}
     for s in np.unique(shard).tolist():
         sel = np.flatnonzero(shard == s)
@@ -116,7 +123,7 @@ def gather_positions(
         if whole_rows and len(sel) <= _SLICE_ROWS:
             # each row's positions are one contiguous run: memcpy slices beat a fancy gather
             for name in arrays:
-                arr, dst = view.data.targets[name], out[name]
+                arr, dst = view.data.targets[name], dst_arrays[name]
                 for r0, r1, d0 in zip(
                     starts.tolist(), ends.tolist(), dst_off[sel].tolist(), strict=True
                 ):
@@ -127,10 +134,10 @@ def gather_positions(
         for name in arrays:
             arr = view.data.targets[name]
             if whole:
-                np.take(arr, src, axis=0, out=out[name])
+                np.take(arr, src, axis=0, out=dst_arrays[name])
             else:
-                out[name][dst_idx] = np.take(arr, src, axis=0)
-    return out, sources
+                dst_arrays[name][dst_idx] = np.take(arr, src, axis=0)
+    return dst_arrays, sources
 
 
 def batch_order_sources(

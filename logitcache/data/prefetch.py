@@ -17,7 +17,8 @@ the copy behind the step it is meant to overlap).
 
 An optional background thread (``background=True``, the default on CUDA) pulls host batches from
 the source iterator into a small queue, so a loader running in the main process (``num_workers=0``)
-also overlaps the step. On CPU the same API runs synchronously: no stream, no look-ahead, no thread.
+also overlaps the step; on a CPU device that thread runs the transform too. On CPU the default is
+synchronous: no stream, no look-ahead, no thread.
 
 ``wait_seconds`` counts the host time the consumer spent blocked on data inside ``__next__``; the
 loader benchmark divides it by the step time to report the data-wait fraction. ``close()`` (also
@@ -111,6 +112,15 @@ def _to_device(batch: Batch, device: torch.device, non_blocking: bool) -> Batch:
     }
 
 
+def _on_device(
+    source: Iterator[Batch], device: torch.device, transform: Callable[[Batch], Batch] | None
+) -> Iterator[Batch]:
+    """The source's batches copied to ``device`` (CPU: synchronously) and transformed."""
+    for host in source:
+        batch = _to_device(host, device, non_blocking=False)
+        yield transform(batch) if transform else batch
+
+
 def _produce(source: Iterator[Batch], out: queue.Queue[Any], stop: threading.Event) -> None:
     """Thread body: move items from ``source`` to ``out`` until exhausted, failed or stopped."""
     item: Any
@@ -172,11 +182,18 @@ class DevicePrefetcher:
         self._queue: queue.Queue[Any] | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # on CPU a background thread also runs the transform (numpy releases the GIL), so the
+        # decode overlaps the step; on CUDA the transform stays on the side stream, in order
+        self._ready = False
         if self._cuda if background is None else background:
             self._queue = queue.Queue(maxsize=depth)
+            produced = self._source
+            if not self._cuda:
+                produced = _on_device(self._source, self.device, transform)
+                self._ready = True
             self._thread = threading.Thread(
                 target=_produce,
-                args=(self._source, self._queue, self._stop),
+                args=(produced, self._queue, self._stop),
                 name="logitcache-prefetch",
                 daemon=True,
             )
@@ -200,8 +217,8 @@ class DevicePrefetcher:
     def _load(self) -> Any:
         """Fetch, copy and transform one batch (on the side stream on CUDA); ``_END`` at the end."""
         host = self._next_host()
-        if host is _END:
-            return _END
+        if host is _END or self._ready:
+            return host
         if self._stream is None:
             batch = _to_device(host, self.device, non_blocking=False)
             return self.transform(batch) if self.transform else batch
