@@ -11,10 +11,13 @@ bytes.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 
 import numpy as np
 import zarr
+from numcodecs import Zstd
+from numcodecs.checksum32 import CRC32C
 from zarr.codecs import ZstdCodec
 from zarr.core.buffer import Buffer
 from zarr.core.buffer.cpu import Buffer as CpuBuffer
@@ -26,12 +29,16 @@ from logitcache.store.base import TARGETS_GROUP, ShardBackend, ShardData
 __all__ = ["ZarrBackend"]
 
 _CHUNK_BYTES = 1 << 20
+_EMPTY = (1 << 64) - 1
+_ZSTD = Zstd()
+_CRC32C = CRC32C()
 
 
 def _write_array(group: zarr.Group, name: str, arr: np.ndarray, level: int) -> None:
     row_bytes = max(1, int(np.prod(arr.shape[1:], dtype=np.int64)) * arr.dtype.itemsize)
-    chunk0 = max(1, _CHUNK_BYTES // row_bytes)
     n = arr.shape[0]
+    # ~1 MiB inner chunks; a smaller array is one chunk (no zero padding to decompress)
+    chunk0 = max(1, min(_CHUNK_BYTES // row_bytes, n))
     chunks = (chunk0, *arr.shape[1:])
     # the outer shard must be a multiple of the inner chunk and cover the whole array
     shard0 = max(chunk0, -(-n // chunk0) * chunk0)
@@ -74,15 +81,66 @@ class ZarrBackend(ShardBackend):
     def deserialize(
         self, files: Mapping[str, bytes], specs: tuple[ArraySpec, ...], seq_len: int
     ) -> ShardData:
-        store_dict: dict[str, Buffer] = {k: CpuBuffer.from_bytes(v) for k, v in files.items()}
-        root = zarr.open_group(MemoryStore(store_dict, read_only=True), mode="r", zarr_format=3)
-        targets = {s.name: _read(root, f"{TARGETS_GROUP}/{s.name}") for s in specs}
+        names = ["row_id", "input_ids", "loss_mask", *(f"{TARGETS_GROUP}/{s.name}" for s in specs)]
+        arrays = {n: _read_fast(files, n) for n in names}
+        if any(a is None for a in arrays.values()):  # not our layout: let zarr decode it
+            store_dict: dict[str, Buffer] = {k: CpuBuffer.from_bytes(v) for k, v in files.items()}
+            root = zarr.open_group(MemoryStore(store_dict, read_only=True), mode="r", zarr_format=3)
+            arrays = {n: a if a is not None else _read(root, n) for n, a in arrays.items()}
+        full = {n: a for n, a in arrays.items() if a is not None}
         return ShardData(
-            row_id=_read(root, "row_id"),
-            input_ids=_read(root, "input_ids"),
-            loss_mask=_read(root, "loss_mask"),
-            targets=targets,
+            row_id=full["row_id"],
+            input_ids=full["input_ids"],
+            loss_mask=full["loss_mask"],
+            targets={s.name: full[f"{TARGETS_GROUP}/{s.name}"] for s in specs},
         )
+
+
+def _read_fast(files: Mapping[str, bytes], name: str) -> np.ndarray | None:
+    """Decode one array of a shard written by :func:`_write_array` without zarr's machinery.
+
+    Our layout is fixed: one sharding-codec object along axis 0 whose inner chunks are
+    ``bytes`` + ``zstd`` and whose index (at the end: a little-endian (offset, nbytes) uint64
+    pair per inner chunk, ``2**64 - 1`` for a chunk never written because it is all fill) is
+    protected by crc32c. Decoding that directly is 2-3x faster than going through zarr's async
+    codec pipeline, and it matters: shard decoding is the loader's hot path. Anything that does
+    not match this layout exactly returns None and takes the general zarr path.
+    """
+    meta_key = f"{name}/zarr.json"
+    if meta_key not in files:
+        return None
+    meta = json.loads(files[meta_key])
+    codecs = meta.get("codecs", [])
+    if len(codecs) != 1 or codecs[0].get("name") != "sharding_indexed":
+        return None
+    cfg = codecs[0]["configuration"]
+    inner, index_codecs = cfg.get("codecs", []), cfg.get("index_codecs", [])
+    if (
+        [c.get("name") for c in inner] != ["bytes", "zstd"]
+        or inner[0].get("configuration", {}).get("endian", "little") != "little"
+        or [c.get("name") for c in index_codecs] != ["bytes", "crc32c"]
+        or cfg.get("index_location", "end") != "end"
+        or meta.get("fill_value") != 0
+    ):
+        return None
+    shape = tuple(meta["shape"])
+    outer = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
+    chunk = tuple(cfg["chunk_shape"])
+    if not shape or outer[1:] != shape[1:] or chunk[1:] != shape[1:] or shape[0] > outer[0]:
+        return None
+    dtype = np.dtype(meta["data_type"]).newbyteorder("<")
+    n_chunks = outer[0] // chunk[0]
+    out = np.zeros((n_chunks * chunk[0], *shape[1:]), dtype=dtype)
+    blob = files.get(f"{name}/c/" + "/".join("0" * len(shape)))
+    if blob is None:  # never written: all fill
+        return out[: shape[0]]
+    index_len = n_chunks * 16
+    index = np.frombuffer(_CRC32C.decode(blob[len(blob) - index_len - 4 :]), "<u8")
+    for i, (off, nbytes) in enumerate(index.reshape(n_chunks, 2).tolist()):
+        if off == _EMPTY:
+            continue
+        _ZSTD.decode(blob[off : off + nbytes], out=out[i * chunk[0] : (i + 1) * chunk[0]])
+    return out[: shape[0]]
 
 
 def _read(root: zarr.Group, name: str) -> np.ndarray:

@@ -488,3 +488,41 @@ def test_finalize_refuses_disagreeing_parts(tmp_path: Path) -> None:
     write_cache(url, header("zarr", k=3), make_batches(6, 1, 2, 8, 3, 50), part="b")
     with pytest.raises(ConfigError, match=r"part 'b' differs from part 'a' in (codec|targets)"):
         finalize_cache(url, ["a", "b"])
+
+
+def test_zarr_fast_path_equals_zarr(tmp_path: Path) -> None:
+    """Our direct decode of the sharded layout gives exactly what zarr itself reads."""
+    import zarr
+
+    from logitcache.store._zarr import _read_fast
+
+    url = tmp_path / "c"
+    # input_ids spans two ~1 MiB inner chunks, the first all zeros (zarr leaves it unwritten)
+    rng = np.random.default_rng(11)
+    rows, seq = 2100, 128
+    input_ids = rng.integers(1, 50, (rows, seq))
+    input_ids[:2048] = 0
+    mask = np.zeros((rows, seq), bool)
+    mask[2048:, :4] = True
+    t = topk_targets(rng, int(mask.sum()), 8, 50)
+    hdr = header("zarr", k=8, seq_len=seq, values="sqrt")
+    write_cache(str(url), hdr, [(np.arange(rows), input_ids, mask, t)], shard_bytes=1 << 30)
+    shard = url / "shards" / "00000.zarr"
+    files = {str(p.relative_to(shard)): p.read_bytes() for p in shard.rglob("*") if p.is_file()}
+    g = zarr.open_group(str(shard), mode="r")
+    names = ["row_id", "input_ids", "loss_mask"]
+    names += [f"targets/{s.name}" for s in hdr.codec.array_specs()]
+    for name in names:
+        fast = _read_fast(files, name)
+        assert fast is not None, name
+        assert np.array_equal(fast, g[name][...]), name
+    # a damaged chunk index is caught by its crc32c
+    assert (
+        json.loads(files["input_ids/zarr.json"])["codecs"][0]["configuration"]["chunk_shape"][0]
+        < rows
+    )
+    key = "loss_mask/c/0/0"
+    blob = bytearray(files[key])
+    blob[-10] ^= 0xFF
+    with pytest.raises(Exception, match=r"(?i)checksum|crc"):
+        _read_fast({**files, key: bytes(blob)}, "loss_mask")
