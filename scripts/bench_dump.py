@@ -31,10 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-from smollm2 import smollm2_dir
-
+from logitcache._smollm2 import smollm2_dir
 from logitcache.dump import DumpConfig, dump
 from logitcache.inputs import InputOptions, RowBatch, iter_batches, iter_rows
 from logitcache.teacher import SparsifyConfig, Teacher, load_teacher, sparsify_batch

@@ -434,8 +434,9 @@ def test_real_smollm2_teacher_on_real_text(tmp_path: Path, request: pytest.Fixtu
         pytest.skip("slow: run with -m slow or LOGITCACHE_SLOW=1")
     import pydoc_data.topics
 
-    from smollm2 import smollm2_dir
     from transformers import AutoModelForCausalLM
+
+    from logitcache._smollm2 import smollm2_dir
 
     path = smollm2_dir()
     if path is None:
