@@ -13,6 +13,7 @@ from __future__ import annotations
 __all__ = [
     "CacheCorruptError",
     "CacheIncompleteError",
+    "CacheLockedError",
     "CacheNotFoundError",
     "ChecksumMismatchError",
     "CodecError",
@@ -25,6 +26,7 @@ __all__ = [
     "ManifestError",
     "NonFiniteLogitsError",
     "ShardMissingError",
+    "StorageError",
     "TeacherError",
     "UnsafePathError",
     "WriterError",
@@ -97,3 +99,11 @@ class NonFiniteLogitsError(TeacherError):
 
 class LoaderError(LogitCacheError):
     """The data loader was used wrongly or failed (a step past the epoch, a dead worker)."""
+
+
+class CacheLockedError(WriterError):
+    """Another writer holds the cache's lock object (or a stale lock of a crashed one remains)."""
+
+
+class StorageError(LogitCacheError, OSError):
+    """The storage behind a cache kept failing (network, 5xx) after every retry."""

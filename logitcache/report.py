@@ -37,6 +37,7 @@ def cache_info(url: str, storage_options: Mapping[str, Any] | None = None) -> di
     return {
         "url": url,
         "format_version": m.format_version,
+        "content_digest": m.content_digest,
         "created_by": m.created_by,
         "created_at": m.created_at,
         "backend": m.backend,
@@ -135,6 +136,7 @@ def verify_cache(
     """Check every shard of a cache; raise a :class:`CacheCorruptError` naming the first bad one."""
     reader = CacheReader(url, verify=True, max_cached_shards=1, storage_options=storage_options)
     m = reader.manifest
+    m.check_digest(where=url)
     seen: set[int] = set()
     for i, rec in enumerate(m.shards):
         rows = reader.read_rows(

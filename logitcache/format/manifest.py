@@ -10,6 +10,16 @@ that does not belong to it.
 
 Versioning: ``format_version`` is ``"MAJOR.MINOR"``. A reader refuses an unknown MAJOR (the
 meaning of fields changed); a newer MINOR only adds optional fields, which this reader ignores.
+1.1 added ``content_digest``.
+
+Content digest: a sha256 over the canonical JSON of a fixed list of top-level fields - what the
+numbers mean and every shard file's path, size and sha256 - but not timestamps, coverage or
+``extra``. It identifies a cache's content: copies have the same digest, and a consumer that was
+told the digest out of band (``train --expect-digest``) refuses a cache whose shards were
+altered even if whoever altered them also rewrote the per-file checksums. It is computed from the
+raw JSON as read, never from re-serialised dataclasses, so fields a newer minor version adds
+inside ``codec`` or ``targets`` do not make an older reader disagree with a newer writer. Caches
+written as 1.0 have no stored digest; readers compute it the same way.
 
 All classes are frozen dataclasses validated at construction, with ``to_dict``/``from_dict``.
 Shard and file paths are relative POSIX paths inside the cache; anything absolute, with ``..``
@@ -18,6 +28,7 @@ or with a URL scheme is refused (a manifest must never make a reader touch files
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -39,11 +50,27 @@ __all__ = [
     "SourceInfo",
     "TargetsInfo",
     "check_relative_path",
+    "content_digest",
     "shard_name",
 ]
 
 FORMAT_NAME = "logitcache"
-FORMAT_VERSION = "1.0"
+FORMAT_VERSION = "1.1"
+# The top-level fields the content digest covers, in the order documented in docs/format.md.
+DIGEST_FIELDS = (
+    "format",
+    "backend",
+    "seq_len",
+    "vocab_size",
+    "padded_vocab_size",
+    "targets",
+    "codec",
+    "compression",
+    "teacher",
+    "tokenizer",
+    "dataset",
+    "shards",
+)
 MANIFEST_NAME = "manifest.json"
 
 Method = Literal["topk", "sampled"]
@@ -68,6 +95,16 @@ def _known(cls: type, d: Mapping[str, Any]) -> dict[str, Any]:
     """Keep the keys ``cls`` knows: newer minor versions may add fields, which we ignore."""
     names = {f.name for f in fields(cls)}
     return {k: v for k, v in d.items() if k in names}
+
+
+def content_digest(d: Mapping[str, Any]) -> str:
+    """``sha256:<hex>`` over the canonical JSON (sorted keys, no spaces, UTF-8) of the
+    :data:`DIGEST_FIELDS` present in the manifest dict ``d``."""
+    picked = {k: d[k] for k in DIGEST_FIELDS if k in d}
+    text = json.dumps(
+        picked, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    )
+    return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def check_relative_path(path: str, where: str) -> str:
@@ -294,6 +331,11 @@ class Manifest:
     extra: Mapping[str, Any] = field(default_factory=dict)
     format: str = FORMAT_NAME
     format_version: str = FORMAT_VERSION
+    # set when read from JSON: the digest computed from the raw text, and the one it stores
+    # (None for 1.0 caches); fresh manifests compute theirs on demand. A ``replace()`` that
+    # changes content must reset both to None.
+    read_digest: str | None = field(default=None, compare=False, repr=False)
+    stored_digest: str | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         _need(
@@ -339,7 +381,36 @@ class Manifest:
     def num_bytes(self) -> int:
         return sum(s.bytes for s in self.shards)
 
+    @property
+    def content_digest(self) -> str:
+        """The cache's content digest (see the module docstring)."""
+        return self.read_digest or content_digest(self._fields_dict())
+
+    def check_digest(self, expected: str | None = None, where: str = "the cache") -> None:
+        """Raise :class:`ManifestError` if the stored digest disagrees with the content (the
+        manifest was edited after its commit), or if ``expected`` is given and differs."""
+        actual = self.content_digest
+        if self.stored_digest is not None and self.stored_digest != actual:
+            raise ManifestError(
+                f"{where}: manifest field content_digest says {self.stored_digest} but the "
+                f"manifest's content hashes to {actual}; the manifest was edited after it was "
+                "committed: re-copy or re-dump the cache"
+            )
+        if expected is not None:
+            want = expected if expected.startswith("sha256:") else f"sha256:{expected}"
+            if want != actual:
+                raise ManifestError(
+                    f"{where} has content digest {actual}, expected {want}: it is not the cache "
+                    "you were given (re-dumped, altered or a different one); get the right "
+                    "cache, or drop --expect-digest if the change is intended"
+                )
+
     def to_dict(self) -> dict[str, Any]:
+        d = self._fields_dict()
+        d["content_digest"] = self.read_digest or content_digest(d)
+        return d
+
+    def _fields_dict(self) -> dict[str, Any]:
         return {
             "format": self.format,
             "format_version": self.format_version,
@@ -402,6 +473,8 @@ class Manifest:
             created_at=d.get("created_at", ""),
             extra=d.get("extra", {}),
             format_version=version,
+            read_digest=content_digest(d),
+            stored_digest=d.get("content_digest"),
         )
         for key in ("num_rows", "num_positions"):
             if key in d:

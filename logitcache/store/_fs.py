@@ -1,58 +1,181 @@
 """Where a cache lives: an fsspec location with the few operations the store needs.
 
-A cache is addressed by a URL or a plain path (``/data/c``, ``file:///data/c``, ``memory://c``;
-object stores come through the same door). Commits are atomic in the only way that works on
-every backend: write under a temporary name that no reader looks for, then rename. On a local
-disk the rename is ``os.replace`` (atomic for files and for directories); on other filesystems
-it is fsspec's ``mv``. Readers never list directories to find data: they follow the manifest.
+A cache is addressed by a URL or a plain path (``/data/c``, ``file:///data/c``, ``memory://c``,
+``s3://bucket/prefix``). Commits are atomic in the way each kind of storage allows:
+
+- local disk: write a temporary name that no reader looks for, fsync, ``os.replace``;
+- object stores (s3, gcs, azure): a single PUT (or a completed multipart upload) is already
+  atomic - an object is invisible until all its bytes arrived - so objects are uploaded straight
+  under their final key. "Write temp, then rename" would be a server-side copy of every byte for
+  nothing; a crash mid-upload leaves no object (or a stray one no manifest names);
+- other fsspec filesystems (memory, ...): temporary name then ``mv``.
+
+Readers never list directories to find data: they follow the manifest.
+
+Transient failures (connection resets, timeouts, HTTP 5xx surfacing as generic ``OSError``) are
+retried with exponential backoff and jitter on top of whatever the client library already
+retries; permanent ones (missing key, access denied, a failed precondition) are not. When
+retries run out the caller gets a :class:`~logitcache.errors.StorageError` naming the operation
+and the key. Retries can never turn into wrong data: every shard byte is checked against the
+manifest's sha256 by the reader.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import posixpath
+import random
+import socket
+import time
 import uuid
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from logitcache.errors import ConfigError
+from logitcache.errors import ConfigError, StorageError
 from logitcache.format.manifest import check_relative_path
 
 __all__ = ["Location", "open_location"]
 
 TMP_PREFIX = ".tmp-"
+# Filesystems whose single-object writes are atomic and whose "rename" is a copy.
+OBJECT_STORE_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "abfs", "abfss", "az", "adl"})
+DEFAULT_RETRIES = 5
+DEFAULT_BACKOFF_S = 0.2
+_MAX_BACKOFF_S = 10.0
+# OSErrors that say something true about the key, not about the network: never retried.
+_PERMANENT = (
+    FileNotFoundError,
+    FileExistsError,
+    PermissionError,
+    IsADirectoryError,
+    NotADirectoryError,
+)
+T = TypeVar("T")
+
+
+def is_transient(e: BaseException) -> bool:
+    """Whether ``e`` is worth retrying: network trouble, timeouts, 5xx-style server errors."""
+    if isinstance(e, _PERMANENT):
+        return False
+    if isinstance(e, (ConnectionError, TimeoutError, socket.timeout)):
+        return True
+    if isinstance(e, OSError):
+        # s3fs maps InternalError/5xx to EREMOTEIO/EIO and SlowDown/503 to EBUSY; client-side
+        # mistakes (bad request, precondition) come as EINVAL/EACCES and are not retried
+        return e.errno not in (errno.EINVAL, errno.EACCES, errno.EPERM, errno.ENOENT)
+    module = type(e).__module__.split(".")[0]
+    # botocore/aiohttp transport errors that escaped the client's own retries
+    return module in ("botocore", "aiobotocore", "aiohttp", "urllib3", "requests")
 
 
 class Location:
     """A cache root on some filesystem. All ``rel`` arguments are relative POSIX paths."""
 
-    def __init__(self, fs: fsspec.AbstractFileSystem, root: str, url: str) -> None:
+    def __init__(
+        self,
+        fs: fsspec.AbstractFileSystem,
+        root: str,
+        url: str,
+        *,
+        retries: int = DEFAULT_RETRIES,
+        backoff_s: float = DEFAULT_BACKOFF_S,
+    ) -> None:
         self.fs = fs
         self.root = root.rstrip("/") or "/"
         self.url = url
+        self.retries = retries
+        self.backoff_s = backoff_s
 
     @property
     def is_local(self) -> bool:
         return isinstance(self.fs, LocalFileSystem)
+
+    @property
+    def is_object_store(self) -> bool:
+        protocols = self.fs.protocol
+        names = (protocols,) if isinstance(protocols, str) else tuple(protocols)
+        return any(p in OBJECT_STORE_PROTOCOLS for p in names)
+
+    def retrying(self, what: str, fn: Callable[[], T]) -> T:
+        """Run ``fn`` and retry transient failures with backoff; ``what`` names the operation
+        in the final error ("reading shards/00000.zarr/c/0")."""
+        attempt = 0
+        while True:
+            try:
+                return fn()
+            except Exception as e:
+                if not is_transient(e):
+                    raise
+                attempt += 1
+                if attempt > self.retries:
+                    raise StorageError(
+                        f"{what} at {self.url} failed {attempt} times, last with "
+                        f"{type(e).__name__}: {e}; the storage or the network is failing: "
+                        "check the endpoint and credentials and rerun (a dump continues with "
+                        "--resume, a copy by rerunning `logitcache cp`)"
+                    ) from e
+                delay = min(_MAX_BACKOFF_S, self.backoff_s * 2 ** (attempt - 1))
+                time.sleep(delay * (0.5 + random.random()))
 
     def path(self, rel: str) -> str:
         check_relative_path(rel, f"path inside {self.url}")
         return posixpath.join(self.root, rel)
 
     def exists(self, rel: str) -> bool:
-        return bool(self.fs.exists(self.path(rel)))
+        p = self.path(rel)
+        return bool(self.retrying(f"looking up {rel}", lambda: self.fs.exists(p)))
 
     def root_exists(self) -> bool:
-        return bool(self.fs.exists(self.root))
+        return bool(self.retrying("looking up the cache root", lambda: self.fs.exists(self.root)))
 
     def read_bytes(self, rel: str) -> bytes:
-        return bytes(self.fs.cat_file(self.path(rel)))
+        p = self.path(rel)
+        return bytes(self.retrying(f"reading {rel}", lambda: self.fs.cat_file(p)))
 
     def size(self, rel: str) -> int:
-        return int(self.fs.size(self.path(rel)))
+        p = self.path(rel)
+        return int(self.retrying(f"sizing {rel}", lambda: self.fs.size(p)))
+
+    def write_exclusive(self, rel: str, data: bytes) -> bool:
+        """Create ``rel`` holding ``data`` only if it does not exist; False if it did.
+
+        Atomic on local disks (``O_EXCL``) and on S3 (a conditional PUT, ``If-None-Match: *``).
+        Elsewhere it is an existence check then a write, which two racing writers can both pass.
+        """
+        final = self.path(rel)
+        parent = posixpath.dirname(final)
+        self.fs.makedirs(parent, exist_ok=True)
+        if self.is_local:
+            try:
+                fd = os.open(final, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            return True
+        if "s3" in self.fs.protocol:
+
+            def put() -> None:
+                self.fs.pipe_file(final, data, mode="create")
+
+            try:
+                self.retrying(f"creating {rel}", put)
+            except FileExistsError:
+                return False
+            return True
+        if self.exists(rel):
+            return False
+        self.write_atomic(rel, data)
+        return True
+
+    def _put(self, target: str, data: bytes) -> None:
+        self.retrying(f"writing {target}", lambda: self.fs.pipe_file(target, data))
 
     def makedirs(self, rel: str = "") -> None:
         target = self.path(rel) if rel else self.root
@@ -64,19 +187,32 @@ class Location:
         parent = posixpath.dirname(final)
         tmp = posixpath.join(parent, f"{TMP_PREFIX}{uuid.uuid4().hex}-{posixpath.basename(final)}")
         self.fs.makedirs(parent, exist_ok=True)
-        if self.is_local:
+        if self.is_object_store:
+            self._put(final, data)  # a PUT is atomic: the key appears with all its bytes
+        elif self.is_local:
             with open(tmp, "wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, final)
         else:
-            self.fs.pipe_file(tmp, data)
+            self._put(tmp, data)
             self.fs.mv(tmp, final)
 
     def write_tree_atomic(self, rel: str, files: Mapping[str, bytes]) -> None:
-        """Write a directory of files (a Zarr shard) under a temporary name, then rename it."""
+        """Write a directory of files (a Zarr shard) under a temporary name, then rename it.
+
+        On object stores there are no directories to rename: each file is uploaded under its
+        final key (atomic per object). A crash leaves some of the shard's objects, which no
+        manifest names, and which a resumed writer overwrites."""
         final = self.path(rel)
+        if self.is_object_store:
+            if self.exists(rel):
+                self.remove(rel)
+            for name, data in files.items():
+                check_relative_path(name, f"file of shard {rel}")
+                self._put(posixpath.join(final, name), data)
+            return
         parent = posixpath.dirname(final)
         tmp = posixpath.join(parent, f"{TMP_PREFIX}{uuid.uuid4().hex}-{posixpath.basename(final)}")
         try:
@@ -90,7 +226,7 @@ class Location:
                         f.flush()
                         os.fsync(f.fileno())
                 else:
-                    self.fs.pipe_file(target, data)
+                    self._put(target, data)
             if self.exists(rel):
                 self.remove(rel)
             if self.is_local:
@@ -103,8 +239,8 @@ class Location:
 
     def remove(self, rel: str) -> None:
         p = self.path(rel)
-        if self.fs.exists(p):
-            self.fs.rm(p, recursive=True)
+        if self.exists(rel):
+            self.retrying(f"removing {rel}", lambda: self.fs.rm(p, recursive=True))
 
     def remove_temporaries(self, rel_dir: str, prefix: str = "") -> None:
         """Delete leftovers of interrupted atomic writes in ``rel_dir`` whose final name starts
@@ -129,15 +265,25 @@ class Location:
 def open_location(
     url: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None
 ) -> Location:
-    """Resolve a URL or local path to a :class:`Location` (nothing is created)."""
+    """Resolve a URL or local path to a :class:`Location` (nothing is created).
+
+    Besides the filesystem's own options, ``storage_options`` may hold ``logitcache_retries``
+    and ``logitcache_backoff_s`` (our retry layer; defaults 5 and 0.2 s, doubling)."""
     text = os.fspath(url)
+    options = dict(storage_options or {})
+    retries = int(options.pop("logitcache_retries", DEFAULT_RETRIES))
+    backoff = float(options.pop("logitcache_backoff_s", DEFAULT_BACKOFF_S))
+    if retries < 0 or backoff < 0:
+        raise ConfigError(
+            f"logitcache_retries and logitcache_backoff_s must be >= 0, got {retries}, {backoff}"
+        )
     if not text:
         raise ConfigError("cache location is empty: pass a directory or a URL like memory://name")
     try:
-        fs, root = fsspec.core.url_to_fs(text, **dict(storage_options or {}))
+        fs, root = fsspec.core.url_to_fs(text, **options)
     except (ValueError, ImportError) as e:
         raise ConfigError(
             f"cannot open cache location {text!r}: {e}. Use a local path or an fsspec URL "
             "(file://, memory://, s3:// with the 's3' extra installed)"
         ) from e
-    return Location(fs, root, text)
+    return Location(fs, root, text, retries=retries, backoff_s=backoff)

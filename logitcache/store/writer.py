@@ -15,6 +15,11 @@ Commit protocol (what makes a crashed dump harmless):
 
 A writer that raises or is left unclosed writes no manifest, so readers refuse the directory as
 incomplete; its committed shards stay for ``resume``.
+
+One writer per cache (per part): the writer holds a lock object ``_locks/<name>.json`` created
+exclusively (a conditional PUT on S3) from construction to commit or abort; see ``_lock.py``.
+On object stores, shards and records are uploaded straight under their final keys (a PUT is
+atomic); see ``_fs.py``.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from logitcache.format.manifest import (
     shard_name,
 )
 from logitcache.store._fs import Location, open_location
+from logitcache.store._lock import WriterLock
 from logitcache.store.backends import backend_for
 from logitcache.store.base import (
     ShardData,
@@ -128,6 +134,7 @@ class CacheHeader:
             "num_rows",
             "num_positions",
             "num_bytes",
+            "content_digest",
         ):
             d.pop(k, None)
         return d
@@ -208,6 +215,7 @@ class CacheWriter:
         resume: bool = False,
         part: str | None = None,
         storage_options: Mapping[str, Any] | None = None,
+        break_lock: bool = False,
     ) -> None:
         if not 1 <= shard_bytes <= _MAX_SHARD_BYTES:
             raise ConfigError(f"shard_bytes must be in [1, {_MAX_SHARD_BYTES}], got {shard_bytes}")
@@ -230,12 +238,20 @@ class CacheWriter:
         self._shards: list[ShardRecord] = []
         self._coverage = _CoverageSum()
         self._closed = False
-        if part is None:
-            _refuse_existing(self.loc, overwrite, resume)
-        elif self.loc.exists(MANIFEST_NAME):
-            raise WriterError(f"{self.loc.url} already holds a committed cache (manifest.json)")
-        self.loc.makedirs()
-        self.resumed_rows = self._resume() if resume else 0
+        self._lock = WriterLock(self.loc, part or "main")
+        self._lock.acquire(break_lock)
+        try:
+            if part is None:
+                _refuse_existing(self.loc, overwrite, resume)
+            elif self.loc.exists(MANIFEST_NAME):
+                raise WriterError(
+                    f"{self.loc.url} already holds a committed cache (manifest.json)"
+                )
+            self.loc.makedirs()
+            self.resumed_rows = self._resume() if resume else 0
+        except BaseException:
+            self._lock.release()
+            raise
 
     # -- writing ---------------------------------------------------------------------------
 
@@ -344,6 +360,7 @@ class CacheWriter:
     # -- progress and resume ---------------------------------------------------------------
 
     def _save_progress(self) -> None:
+        self._lock.check()
         record = {
             "header": self.header.fingerprint_dict(),
             "shard_bytes": self.shard_bytes,
@@ -400,6 +417,7 @@ class CacheWriter:
             self._flush_one(final=True)
         self._save_progress()
         manifest = self.header.manifest(self._shards, self._coverage.coverage())
+        self._lock.check()
         if self.part is None:
             self.loc.write_atomic(MANIFEST_NAME, manifest.to_json().encode())
         else:
@@ -410,13 +428,17 @@ class CacheWriter:
                 ).encode(),
             )
         self._closed = True
+        self._lock.release()
         return manifest
 
     def abort(self) -> None:
         """Drop buffered rows; committed shards stay for resume; no manifest is written."""
         self._buffer = []
         self._closed = True
-        self.loc.remove_temporaries("shards", self._prefix)
+        try:
+            self.loc.remove_temporaries("shards", self._prefix)
+        finally:
+            self._lock.release()
 
     def __enter__(self) -> CacheWriter:
         return self
@@ -464,9 +486,11 @@ def check_output(
     clear: bool = False,
     part: str | None = None,
     storage_options: Mapping[str, Any] | None = None,
+    break_lock: bool = False,
 ) -> None:
     """Refuse ``url`` as a new cache's output the way :class:`CacheWriter` would, before any
-    work is done: a committed cache needs ``overwrite``; shards of an unfinished dump need
+    work is done: a live writer's lock refuses it (``break_lock`` removes the lock); a
+    committed cache needs ``overwrite``; shards of an unfinished dump need
     ``resume`` or ``overwrite``. With ``part``, only that part's own progress counts (the other
     writers of a multi-writer cache may already be writing). With ``overwrite`` and ``clear``
     the old contents are removed (one process of a multi-writer dump does this, then the
@@ -474,6 +498,7 @@ def check_output(
     if overwrite and resume:
         raise ConfigError("overwrite and resume exclude each other; pick one")
     loc = open_location(url, storage_options)
+    WriterLock(loc, part or "main").ensure_free(break_lock)
     if overwrite and not clear:
         return
     if part is None or overwrite:
@@ -534,7 +559,15 @@ def finalize_cache(
     if not manifests:
         raise ConfigError("finalize needs at least one part")
     first = manifests[0].to_dict()
-    skip = {"shards", "coverage", "num_rows", "num_positions", "num_bytes", "created_at"}
+    skip = {
+        "shards",
+        "coverage",
+        "num_rows",
+        "num_positions",
+        "num_bytes",
+        "created_at",
+        "content_digest",
+    }
     for p, m in zip(parts, manifests, strict=True):
         d = m.to_dict()
         for key in first:
@@ -543,6 +576,8 @@ def finalize_cache(
                     f"cannot finalize {url}: part {p!r} differs from part {parts[0]!r} in {key}"
                 )
     shards = tuple(s for m in manifests for s in m.shards)
-    manifest = replace(manifests[0], shards=shards, coverage=cov.coverage())
+    manifest = replace(
+        manifests[0], shards=shards, coverage=cov.coverage(), read_digest=None, stored_digest=None
+    )
     loc.write_atomic(MANIFEST_NAME, manifest.to_json().encode())
     return manifest
