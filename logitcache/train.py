@@ -51,6 +51,7 @@ from logitcache.errors import ConfigError
 from logitcache.evaluate import evaluate
 from logitcache.loss import LOSS_NAMES, KDConfig, fused_linear_kd_loss, kd_loss
 from logitcache.store import CacheReader
+from logitcache.store.reader import LOCAL_CACHE_ENV, LOCAL_CACHE_SIZE_ENV
 
 __all__ = ["TrainConfig", "train"]
 
@@ -95,6 +96,10 @@ class TrainConfig:
     log_every: int = 10
     progress: bool = True
     storage_options: Mapping[str, Any] = field(default_factory=dict)
+    readahead: int = 2
+    local_cache: str | None = None
+    local_cache_size: str | None = None
+    expect_digest: str | None = None
 
     def problems(self) -> list[str]:
         """Every invalid setting, each with its fix (empty when the config is valid)."""
@@ -244,8 +249,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     out = Path(cfg.out)
     if rank == 0:
         _check_out_dir(out)
+    if cfg.local_cache:
+        # through the environment, so DataLoader workers (any start method) use it too
+        os.environ[LOCAL_CACHE_ENV] = cfg.local_cache
+        if cfg.local_cache_size:
+            os.environ[LOCAL_CACHE_SIZE_ENV] = str(cfg.local_cache_size)
     reader = CacheReader(cfg.cache, storage_options=cfg.storage_options)
     manifest = reader.manifest
+    if cfg.expect_digest:
+        manifest.check_digest(cfg.expect_digest, where=f"cache {cfg.cache}")
     manifest_digest = _manifest_digest(reader)
     student: Student = load_student(cfg.student, cfg.student_config, cfg.seed)
     check_compatible(
@@ -281,6 +293,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         device=device,
         top_k=cfg.top_k,
         storage_options=cfg.storage_options,
+        readahead=cfg.readahead,
         temperature=cfg.temperature if cfg.temperature in manifest.targets.temperatures else None,
     )
     split = ("train", cfg.eval_fraction) if cfg.eval_fraction else None
@@ -377,9 +390,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 )
             if world > 1:
                 dist.barrier()
+    elapsed = time.perf_counter() - t0  # training only: the final evaluation is not a step
     loader.close()
     final_metrics = run_eval()
-    elapsed = time.perf_counter() - t0
     summary = {
         "steps": step,
         "steps_run": step - start_step,
