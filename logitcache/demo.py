@@ -33,10 +33,6 @@ from logitcache.errors import ConfigError, LogitCacheError
 
 __all__ = ["DemoConfig", "run_demo"]
 
-# about 4 characters of Python documentation prose per SmolLM2 token
-_CHARS_PER_TOKEN = 4
-
-
 @dataclass(frozen=True)
 class DemoConfig:
     out: str = "demo-out"
@@ -51,19 +47,25 @@ class DemoConfig:
     seed: int = 0
 
 
-def _write_text(path: Path, tokens: int) -> int:
-    """Python's documentation topics as JSON lines, about ``tokens`` tokens; returns docs."""
+def _write_text(path: Path, tokens: int, teacher: Path) -> int:
+    """Python's documentation topics as JSON lines, ``tokens`` teacher tokens in all (the last
+    topic cut to fit); returns the number of documents."""
     from pydoc_data.topics import topics
 
-    budget = tokens * _CHARS_PER_TOKEN
-    n = 0
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(teacher)
+    left, n = tokens, 0
     with path.open("w") as f:
         for name in sorted(topics):
-            if budget <= 0:
+            if left <= 0:
                 break
             text = topics[name].strip()
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+            if len(ids) > left:
+                text = str(tok.decode(ids[:left]))
             f.write(json.dumps({"text": text}) + "\n")
-            budget -= len(text)
+            left -= min(len(ids), left)
             n += 1
     return n
 
@@ -123,7 +125,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
             "(./scripts/demo.sh does this)"
         )
     data = out / "pydoc.jsonl"
-    docs = _write_text(data, cfg.tokens)
+    docs = _write_text(data, cfg.tokens, teacher)
     print(f"text: {docs} topics of Python's documentation (pydoc_data.topics) -> {data}")
     cache = out / "cache"
     t0 = time.perf_counter()
