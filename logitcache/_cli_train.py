@@ -128,6 +128,18 @@ def _options(fn: Any) -> Any:
         click.option("--keep", type=int, help="Checkpoints to keep (default 2)."),
         click.option("--num-workers", type=int, help="DataLoader worker processes (default 0)."),
         click.option(
+            "--readahead", type=int, help="Shards fetched ahead while streaming (default 2)."
+        ),
+        click.option(
+            "--local-cache",
+            help="Directory keeping verified copies of a remote cache's shards (LRU-bounded).",
+        ),
+        click.option("--local-cache-size", help="Bound of --local-cache, e.g. 20G (default 50G)."),
+        click.option(
+            "--expect-digest",
+            help="Refuse the cache unless its content digest (logitcache info) is this.",
+        ),
+        click.option(
             "--order",
             type=click.Choice(["streaming", "random", "sequential"]),
             help="Row order (default streaming).",

@@ -235,6 +235,11 @@ _register_train()
 @click.option("--resume", is_flag=True, help="Continue an interrupted dump into --out.")
 @click.option("--overwrite", is_flag=True, help="Replace whatever --out holds.")
 @click.option(
+    "--break-lock",
+    is_flag=True,
+    help="Remove the writer lock a dead dump (e.g. on another machine) left in --out.",
+)
+@click.option(
     "--no-count",
     is_flag=True,
     help="Skip the row-counting pass over the data (no ETA in the progress line).",
@@ -281,6 +286,7 @@ def dump(**opts: Any) -> None:
         chunk_bytes=max(1, int(opts["chunk_mb"] * (1 << 20))),
         resume=opts["resume"],
         overwrite=opts["overwrite"],
+        break_lock=opts["break_lock"],
         storage_options=parse_storage_options(opts["storage_options"]),
         count_rows=not opts["no_count"],
         quick_fingerprint=opts["quick_fingerprint"],
@@ -307,6 +313,78 @@ def finalize(cache: str, world_size: int, storage_options: tuple[str, ...]) -> N
 
     m = finalize_dump(cache, world_size, parse_storage_options(storage_options))
     click.echo(f"finalized {cache}: {m.num_rows:,} rows in {len(m.shards)} shards")
+
+
+dst_storage_option = click.option(
+    "--dst-storage-option",
+    "dst_storage_options",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="fsspec option for the destination only (repeatable; overrides --storage-option).",
+)
+
+
+@cli.command("cp")
+@click.argument("src")
+@click.argument("dst")
+@click.option("--expect-digest", help="Refuse SRC unless its content digest is this.")
+@click.option("--workers", type=int, default=4, show_default=True, help="Parallel file copies.")
+@click.option("--break-lock", is_flag=True, help="Remove a dead writer's lock at DST.")
+@storage_option
+@dst_storage_option
+@_friendly_errors
+def cp(
+    src: str,
+    dst: str,
+    expect_digest: str | None,
+    workers: int,
+    break_lock: bool,
+    storage_options: tuple[str, ...],
+    dst_storage_options: tuple[str, ...],
+) -> None:
+    """Copy the cache at SRC to DST (any two stores), verifying every file's sha256; rerun to
+    resume: files already at DST intact are skipped, and the manifest is written last."""
+    from logitcache.store.share import copy_cache
+
+    opts = parse_storage_options(storage_options)
+    report = copy_cache(
+        src,
+        dst,
+        src_options=opts,
+        dst_options={**opts, **parse_storage_options(dst_storage_options)},
+        expect_digest=expect_digest,
+        workers=workers,
+        break_lock=break_lock,
+    )
+    click.echo(
+        f"copied {report.files_copied} files ({report.bytes_copied:,} bytes), skipped "
+        f"{report.files_skipped} already there; content digest {report.content_digest}"
+    )
+
+
+@cli.command()
+@click.argument("out")
+@click.argument("sources", nargs=-1, required=True)
+@click.option("--break-lock", is_flag=True, help="Remove a dead writer's lock at OUT.")
+@storage_option
+@_friendly_errors
+def merge(
+    out: str, sources: tuple[str, ...], break_lock: bool, storage_options: tuple[str, ...]
+) -> None:
+    """Join caches SOURCES, dumped separately over disjoint data with the same teacher,
+    tokenizer, codec, seq_len and vocabulary, into one new cache OUT (shards are copied)."""
+    from logitcache.store.share import merge_caches
+
+    m = merge_caches(
+        out,
+        list(sources),
+        storage_options=parse_storage_options(storage_options),
+        break_lock=break_lock,
+    )
+    click.echo(
+        f"merged {len(sources)} caches into {out}: {m.num_rows:,} rows in {len(m.shards)} "
+        f"shards; content digest {m.content_digest}"
+    )
 
 
 def main() -> None:

@@ -101,6 +101,7 @@ class DumpConfig:
     chunk_bytes: int = 1 << 30
     resume: bool = False
     overwrite: bool = False
+    break_lock: bool = False
     storage_options: Mapping[str, Any] | None = None
     queue_depth: int = 4
     count_rows: bool = True
@@ -187,6 +188,7 @@ def dump(config: DumpConfig) -> DumpResult:
         resume=config.resume,
         part=info.part,
         storage_options=config.storage_options,
+        break_lock=config.break_lock,
     )
     options = config.input_options()
     data_fp = dataset_fingerprint(config.data, options, quick=config.quick_fingerprint)
@@ -263,6 +265,7 @@ def _run(
         resume=config.resume,
         part=info.part,
         storage_options=config.storage_options,
+        break_lock=config.break_lock,
     )
     sparsify = config.sparsify_config()
     with writer:

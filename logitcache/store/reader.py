@@ -7,6 +7,13 @@ structural checks), decoded to numpy in memory, and kept in a small LRU. Shards 
 whole-shard reads suit both local disks and object stores and make sequential iteration a
 stream of large reads.
 
+On remote storage every fetch is verified (not only the first: an evicted shard fetched again
+crosses the network again), and a fetch whose bytes fail the size or sha256 check is retried a
+few times before :class:`ChecksumMismatchError` is raised: a flaky connection costs time, never
+wrong data. An optional local cache directory (``local_cache=``, or the environment variables
+``LOGITCACHE_LOCAL_CACHE`` and ``LOGITCACHE_LOCAL_CACHE_SIZE``) keeps verified remote files on
+local disk, content-addressed and size-bounded (see ``_localcache.py``).
+
 Rows are addressed by *global index* (0..num_rows-1 in manifest order) or by their stable
 ``row_id``; a target is addressed by (row id, position).
 """
@@ -14,6 +21,7 @@ Rows are addressed by *global index* (0..num_rows-1 in manifest order) or by the
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
@@ -32,13 +40,19 @@ from logitcache.errors import (
     ShardMissingError,
 )
 from logitcache.format.codec import TargetCodec, Targets
-from logitcache.format.manifest import MANIFEST_NAME, Manifest, ShardRecord
+from logitcache.format.manifest import MANIFEST_NAME, FileRecord, Manifest, ShardRecord
 from logitcache.store._fs import Location, open_location
+from logitcache.store._localcache import LocalShardCache, parse_size
 from logitcache.store.backends import backend_for
 from logitcache.store.base import ShardData, concat_shards, row_position_offsets, slice_rows
 from logitcache.store.writer import PARTS_DIR, PROGRESS_DIR
 
 __all__ = ["CacheReader", "Rows", "read_manifest"]
+
+LOCAL_CACHE_ENV = "LOGITCACHE_LOCAL_CACHE"
+LOCAL_CACHE_SIZE_ENV = "LOGITCACHE_LOCAL_CACHE_SIZE"
+DEFAULT_LOCAL_CACHE_SIZE = 50 << 30
+_REFETCHES = 2  # extra fetches of a remote file whose bytes fail their check
 
 
 @dataclass(frozen=True, eq=False)
@@ -83,8 +97,26 @@ def read_manifest(loc: Location) -> Manifest:
     return Manifest.from_json(loc.read_bytes(MANIFEST_NAME), where=f"{loc.url}/{MANIFEST_NAME}")
 
 
+def _local_cache(
+    loc: Location, path: str | os.PathLike[str] | None, size: int | str | None
+) -> LocalShardCache | None:
+    if loc.is_local:
+        return None  # a local cache of a local disk only doubles the bytes
+    path = path if path is not None else os.environ.get(LOCAL_CACHE_ENV) or None
+    if path is None:
+        return None
+    if size is None:
+        size = os.environ.get(LOCAL_CACHE_SIZE_ENV) or DEFAULT_LOCAL_CACHE_SIZE
+    return LocalShardCache(path, parse_size(size))
+
+
 class CacheReader:
-    """Read a committed cache. Thread-safe; cheap to construct (reads only the manifest)."""
+    """Read a committed cache. Thread-safe; cheap to construct (reads only the manifest).
+
+    ``local_cache``/``local_cache_size``: a directory keeping verified copies of remote shard
+    files, and its bound (bytes, or ``"20G"``); default from ``$LOGITCACHE_LOCAL_CACHE`` and
+    ``$LOGITCACHE_LOCAL_CACHE_SIZE`` (50 GiB). Ignored for caches on local disk.
+    """
 
     def __init__(
         self,
@@ -93,12 +125,15 @@ class CacheReader:
         verify: bool = True,
         max_cached_shards: int = 2,
         storage_options: Mapping[str, Any] | None = None,
+        local_cache: str | os.PathLike[str] | None = None,
+        local_cache_size: int | str | None = None,
     ) -> None:
         if max_cached_shards < 1:
             raise ConfigError(f"max_cached_shards must be >= 1, got {max_cached_shards}")
         self.loc = open_location(url, storage_options)
         self.url = url
         self.manifest = read_manifest(self.loc)
+        self.local_cache = _local_cache(self.loc, local_cache, local_cache_size)
         self.codec = self.manifest.codec
         self.verify = verify
         self._backend = backend_for(self.manifest.backend, self.codec)
@@ -132,6 +167,21 @@ class CacheReader:
         check = self.verify if verify is None else verify
         out: dict[str, bytes] = {}
         for f in rec.files:
+            out[f.path[len(rec.path) + 1 :] if f.path != rec.path else ""] = self.fetch_file(
+                rec, f, check
+            )
+        return out
+
+    def fetch_file(self, rec: ShardRecord, f: FileRecord, check: bool = True) -> bytes:
+        """One file, from the local cache if it holds it intact, else from the store; remote
+        bytes are always verified, and fetched again (a few times) when they fail."""
+        if self.local_cache is not None:
+            hit = self.local_cache.get(f.sha256, f.bytes)
+            if hit is not None:
+                return hit
+        remote = not self.loc.is_local
+        attempt = 0
+        while True:
             try:
                 data = self.loc.read_bytes(f.path)
             except FileNotFoundError as e:
@@ -139,21 +189,32 @@ class CacheReader:
                     f"shard {rec.path}: file {f.path} listed in the manifest is missing from "
                     f"{self.url}; the cache was copied incompletely: re-copy or re-dump it"
                 ) from e
-            if len(data) != f.bytes:
+            try:
+                self._check_file(rec, f, data, check or remote)
+            except ChecksumMismatchError:
+                attempt += 1
+                if not remote or attempt > _REFETCHES:
+                    raise
+                continue
+            if self.local_cache is not None:
+                self.local_cache.put(f.sha256, data)
+            return data
+
+    @staticmethod
+    def _check_file(rec: ShardRecord, f: FileRecord, data: bytes, digest: bool) -> None:
+        if len(data) != f.bytes:
+            raise ChecksumMismatchError(
+                f"shard {rec.path}: file {f.path} is {len(data)} bytes but the manifest "
+                f"says {f.bytes} (truncated or replaced); re-copy or re-dump the cache"
+            )
+        if digest:
+            got = hashlib.sha256(data).hexdigest()
+            if got != f.sha256:
                 raise ChecksumMismatchError(
-                    f"shard {rec.path}: file {f.path} is {len(data)} bytes but the manifest "
-                    f"says {f.bytes} (truncated or replaced); re-copy or re-dump the cache"
+                    f"shard {rec.path}: file {f.path} fails its checksum (sha256 "
+                    f"{got[:16]}..., manifest {f.sha256[:16]}...): the bytes are "
+                    "damaged; re-copy or re-dump the cache"
                 )
-            if check:
-                digest = hashlib.sha256(data).hexdigest()
-                if digest != f.sha256:
-                    raise ChecksumMismatchError(
-                        f"shard {rec.path}: file {f.path} fails its checksum (sha256 "
-                        f"{digest[:16]}..., manifest {f.sha256[:16]}...): the bytes are "
-                        "damaged; re-copy or re-dump the cache"
-                    )
-            out[f.path[len(rec.path) + 1 :] if f.path != rec.path else ""] = data
-        return out
 
     def load_shard(self, index: int) -> ShardData:
         """Shard ``index`` decoded to numpy (codes, not decoded targets); cached."""
@@ -169,6 +230,17 @@ class CacheReader:
                 return hit
         verify = self.verify and index not in self._verified
         files = self.fetch_shard_files(index, verify=verify)
+        data = self.decode_shard_files(index, files)
+        entry = (data, row_position_offsets(data.loss_mask))
+        with self._lock:
+            self._verified.add(index)
+            self._cache[index] = entry
+            while len(self._cache) > self._max_cached:
+                self._cache.popitem(last=False)
+        return entry
+
+    def decode_shard_files(self, index: int, files: Mapping[str, bytes]) -> ShardData:
+        """Decode shard ``index`` from its raw files and check it against the manifest."""
         rec = self.manifest.shards[index]
         try:
             data = self._backend.deserialize(files, self._specs, self.manifest.seq_len)
@@ -178,13 +250,7 @@ class CacheReader:
                 "damaged: re-copy or re-dump the cache"
             ) from e
         self._check_structure(rec, data)
-        entry = (data, row_position_offsets(data.loss_mask))
-        with self._lock:
-            self._verified.add(index)
-            self._cache[index] = entry
-            while len(self._cache) > self._max_cached:
-                self._cache.popitem(last=False)
-        return entry
+        return data
 
     def _check_structure(self, rec: ShardRecord, data: ShardData) -> None:
         def bad(msg: str) -> CacheCorruptError:

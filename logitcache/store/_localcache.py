@@ -1,0 +1,132 @@
+"""A local disk cache of remote shard files, content-addressed, checksum-verified, size-bounded.
+
+A student that streams a cache from object storage for several epochs (or several students on
+one machine) should not download the same shards again. Entries are keyed by the sha256 the
+manifest records for each file (``ROOT/ab/abcdef...``), which gives three things at once:
+
+- an entry is verified by recomputing its sha256 on every hit: a damaged or half-written entry is
+  deleted and fetched again, never used;
+- caches that share files (a copy, a merge) share entries, and a cache re-dumped under the same
+  URL can never be served stale bytes;
+- entries are written to a temporary name and renamed, so concurrent processes (DataLoader
+  workers, ranks on one node) can share one directory without locks.
+
+The size bound is enforced after each insertion by deleting the least recently used entries
+(a hit refreshes an entry's mtime). Eviction scans the directory; entries are whole shard files
+(tens of MB), so there are few of them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import uuid
+from pathlib import Path
+
+from logitcache.errors import ConfigError
+
+__all__ = ["LocalShardCache", "parse_size"]
+
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes from ``1073741824``, ``"500M"``, ``"20GB"`` or ``"1.5T"`` (binary units)."""
+    if isinstance(text, int):
+        value = text
+    else:
+        m = _SIZE.match(text)
+        if not m:
+            raise ConfigError(f"cannot read {text!r} as a size; write e.g. 500M, 20G or 1.5T")
+        value = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if value < 1:
+        raise ConfigError(f"a cache size must be at least 1 byte, got {text!r}")
+    return value
+
+
+class LocalShardCache:
+    """Shard files by sha256 under ``root``, at most ``max_bytes`` in total."""
+
+    def __init__(self, root: str | os.PathLike[str], max_bytes: int) -> None:
+        if max_bytes < 1:
+            raise ConfigError(f"local cache size must be >= 1 byte, got {max_bytes}")
+        self.root = Path(root)
+        self.max_bytes = max_bytes
+        self.hits = 0
+        self.misses = 0
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"cannot create the local cache directory {self.root}: {e}") from e
+
+    def _path(self, sha256: str) -> Path:
+        if not _HEX64.match(sha256):
+            raise ConfigError(f"not a sha256 hex digest: {sha256!r}")
+        return self.root / sha256[:2] / sha256
+
+    def get(self, sha256: str, size: int) -> bytes | None:
+        """The entry's bytes if present and intact (size and sha256 checked), else None."""
+        path = self._path(sha256)
+        try:
+            data = path.read_bytes()
+        except OSError:
+            self.misses += 1
+            return None
+        if len(data) != size or hashlib.sha256(data).hexdigest() != sha256:
+            path.unlink(missing_ok=True)  # damaged: drop it, the caller fetches again
+            self.misses += 1
+            return None
+        with contextlib.suppress(OSError):
+            os.utime(path)  # LRU: a hit makes the entry young again
+        self.hits += 1
+        return data
+
+    def put(self, sha256: str, data: bytes) -> None:
+        """Store verified bytes under their digest, then evict down to the size bound."""
+        if len(data) > self.max_bytes:
+            return  # would evict everything and still not fit
+        path = self._path(sha256)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f".tmp-{uuid.uuid4().hex}"
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            return  # a full or read-only disk makes the cache useless, not the read wrong
+        self.evict(keep=path)
+
+    def entries(self) -> list[tuple[float, int, Path]]:
+        """(mtime, size, path) of every entry."""
+        out: list[tuple[float, int, Path]] = []
+        for sub in self.root.iterdir() if self.root.exists() else ():
+            if not sub.is_dir():
+                continue
+            for p in sub.iterdir():
+                if p.name.startswith(".tmp-"):
+                    continue
+                try:
+                    st = p.stat()
+                except OSError:
+                    continue
+                out.append((st.st_mtime, st.st_size, p))
+        return out
+
+    def total_bytes(self) -> int:
+        return sum(size for _, size, _ in self.entries())
+
+    def evict(self, keep: Path | None = None) -> None:
+        """Delete least recently used entries until the total fits ``max_bytes``."""
+        entries = sorted(self.entries(), key=lambda e: e[0])
+        total = sum(size for _, size, _ in entries)
+        for _, size, p in entries:
+            if total <= self.max_bytes:
+                break
+            if p == keep:
+                continue
+            p.unlink(missing_ok=True)
+            total -= size

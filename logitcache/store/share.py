@@ -1,0 +1,267 @@
+"""Sharing caches: copy one between stores, and merge caches dumped separately.
+
+Both follow the writer's commit rule - shards first, ``manifest.json`` last - and take the
+destination's writer lock, so a copy or merge that dies leaves an incomplete cache that readers
+refuse, never a half one that reads as complete.
+
+:func:`copy_cache` verifies every file against the source manifest's size and sha256 as it reads
+it (the reader's check), and is resumable: a file already at the destination with the right size
+and sha256 is skipped (it is read back to prove it, which costs a read but never trusts a
+truncated upload). The manifest is copied byte for byte, so the copy has the same content digest.
+
+:func:`merge_caches` joins caches of the same teacher, tokenizer, codec, sequence length and
+vocabulary dumped over disjoint data (e.g. by different teams or jobs). Shards are copied into
+the output as ``shards/m<source>-<name>``; row ids must not collide - a merge that finds a row
+id in two sources is refused (re-dump one of them with row ids offset, rather than silently
+remapping ids that students may use to address targets).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import hashlib
+import json
+import posixpath
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+
+from logitcache.errors import ConfigError, WriterError
+from logitcache.format.manifest import (
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    Coverage,
+    FileRecord,
+    Manifest,
+    ShardRecord,
+    SourceInfo,
+)
+from logitcache.store._fs import Location, open_location
+from logitcache.store._lock import WriterLock
+from logitcache.store.reader import CacheReader
+
+__all__ = ["MERGE_FIELDS", "CopyReport", "copy_cache", "merge_caches"]
+
+# Fields every source of a merge must agree on (dataset, coverage and shards may differ).
+MERGE_FIELDS = (
+    "backend",
+    "seq_len",
+    "vocab_size",
+    "padded_vocab_size",
+    "targets",
+    "codec",
+    "compression",
+    "teacher",
+    "tokenizer",
+)
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class CopyReport:
+    """What a copy did: files copied and skipped (already there, verified), bytes copied."""
+
+    files_copied: int
+    files_skipped: int
+    bytes_copied: int
+    content_digest: str
+
+
+def _has_file(loc: Location, f: FileRecord) -> bool:
+    """Whether ``loc`` already holds ``f`` with the right size and sha256."""
+    try:
+        if loc.size(f.path) != f.bytes:
+            return False
+        return hashlib.sha256(loc.read_bytes(f.path)).hexdigest() == f.sha256
+    except FileNotFoundError:
+        return False
+
+
+def _refuse_committed(dst: Location, digest: str | None) -> bool:
+    """True if ``dst`` already holds the cache with ``digest``; raise if it holds another."""
+    if not dst.exists(MANIFEST_NAME):
+        return False
+    there = Manifest.from_json(dst.read_bytes(MANIFEST_NAME), where=dst.url)
+    if digest is not None and there.content_digest == digest:
+        return True
+    raise WriterError(
+        f"{dst.url} already holds a committed cache (content digest {there.content_digest}); "
+        "choose another destination, or delete it first"
+    )
+
+
+def copy_cache(
+    src: str,
+    dst: str,
+    *,
+    src_options: Mapping[str, Any] | None = None,
+    dst_options: Mapping[str, Any] | None = None,
+    expect_digest: str | None = None,
+    workers: int = 4,
+    break_lock: bool = False,
+    progress: Progress | None = None,
+) -> CopyReport:
+    """Copy the committed cache at ``src`` to ``dst``, verifying every file; resumable."""
+    if workers < 1:
+        raise ConfigError(f"workers must be >= 1, got {workers}")
+    reader = CacheReader(src, storage_options=src_options)
+    raw = reader.loc.read_bytes(MANIFEST_NAME)
+    m = Manifest.from_json(raw, where=f"{src}/{MANIFEST_NAME}")
+    m.check_digest(expect_digest, where=src)
+    if m.content_digest != reader.manifest.content_digest:
+        raise WriterError(f"{src} changed while the copy started; rerun the copy")
+    files = [(rec, f) for rec in m.shards for f in rec.files]
+    out = open_location(dst, dst_options)
+    if _refuse_committed(out, m.content_digest):
+        return CopyReport(0, len(files), 0, m.content_digest)
+    lock = WriterLock(out)
+    lock.acquire(break_lock)
+    try:
+
+        def one(item: tuple[ShardRecord, FileRecord]) -> int:
+            rec, f = item
+            if _has_file(out, f):
+                return -1
+            out.write_atomic(f.path, reader.fetch_file(rec, f, check=True))
+            return f.bytes
+
+        copied = skipped = nbytes = 0
+        with cf.ThreadPoolExecutor(workers) as pool:
+            for n in pool.map(one, files):
+                if n < 0:
+                    skipped += 1
+                else:
+                    copied += 1
+                    nbytes += n
+                if progress is not None:
+                    progress(copied + skipped, len(files))
+        lock.check()
+        out.write_atomic(MANIFEST_NAME, raw)
+    finally:
+        lock.release()
+    return CopyReport(copied, skipped, nbytes, m.content_digest)
+
+
+def _first_mismatch(a: Any, b: Any, where: str) -> str | None:
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        for k in sorted(set(a) | set(b)):
+            hit = _first_mismatch(a.get(k), b.get(k), f"{where}.{k}")
+            if hit is not None:
+                return hit
+        return None
+    return None if a == b else f"{where} ({a!r} vs {b!r})"
+
+
+def _check_agree(sources: Sequence[str], manifests: Sequence[Manifest]) -> None:
+    first = manifests[0].to_dict()
+    for url, m in zip(sources[1:], manifests[1:], strict=True):
+        d = m.to_dict()
+        for key in MERGE_FIELDS:
+            diff = _first_mismatch(first[key], d[key], key)
+            if diff is not None:
+                raise ConfigError(
+                    f"cannot merge {url} with {sources[0]}: they differ in {diff}; only caches "
+                    "of the same teacher, tokenizer, codec, seq_len and vocabulary can be merged"
+                )
+
+
+def _coverage(manifests: Sequence[Manifest]) -> Coverage:
+    total = sum(m.coverage.positions for m in manifests)
+
+    def mean(name: str) -> float | None:
+        vals = [(getattr(m.coverage, name), m.coverage.positions) for m in manifests]
+        if total == 0 or any(v is None for v, _ in vals):
+            return None
+        return float(sum(v * n for v, n in vals) / total)
+
+    return Coverage(positions=total, captured_mass=mean("captured_mass"), entropy=mean("entropy"))
+
+
+def merge_caches(
+    out: str,
+    sources: Sequence[str],
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+    out_options: Mapping[str, Any] | None = None,
+    break_lock: bool = False,
+    progress: Progress | None = None,
+) -> Manifest:
+    """Join committed caches over disjoint data into a new cache at ``out``; see module doc."""
+    if len(sources) < 2:
+        raise ConfigError(f"merge needs at least two caches, got {len(sources)}")
+    readers = [CacheReader(u, storage_options=storage_options) for u in sources]
+    manifests = [r.manifest for r in readers]
+    _check_agree(sources, manifests)
+    dst = open_location(out, out_options if out_options is not None else storage_options)
+    _refuse_committed(dst, None)
+    lock = WriterLock(dst)
+    lock.acquire(break_lock)
+    try:
+        shards: list[ShardRecord] = []
+        seen: dict[int, str] = {}
+        total = sum(r.num_shards for r in readers)
+        for j, (url, reader) in enumerate(zip(sources, readers, strict=True)):
+            for i, rec in enumerate(reader.manifest.shards):
+                shards.append(_copy_shard(reader, i, rec, dst, f"m{j:03d}-", url, seen))
+                if progress is not None:
+                    progress(len(shards), total)
+        first = manifests[0]
+        fingerprints = [m.dataset.fingerprint or m.content_digest for m in manifests]
+        manifest = replace(
+            first,
+            shards=tuple(shards),
+            coverage=_coverage(manifests),
+            dataset=SourceInfo(
+                name="merge of "
+                + ", ".join(m.dataset.name or u for m, u in zip(manifests, sources, strict=True)),
+                fingerprint=hashlib.sha256(json.dumps(fingerprints).encode()).hexdigest(),
+            ),
+            extra={
+                "merged_from": [
+                    {"url": u, "content_digest": m.content_digest, "dataset": m.dataset.to_dict()}
+                    for u, m in zip(sources, manifests, strict=True)
+                ]
+            },
+            created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            format_version=FORMAT_VERSION,
+            read_digest=None,
+            stored_digest=None,
+        )
+        lock.check()
+        dst.write_atomic(MANIFEST_NAME, manifest.to_json().encode())
+    finally:
+        lock.release()
+    return manifest
+
+
+def _copy_shard(
+    reader: CacheReader,
+    index: int,
+    rec: ShardRecord,
+    dst: Location,
+    prefix: str,
+    url: str,
+    seen: dict[int, str],
+) -> ShardRecord:
+    """Copy one verified shard under a new name, refusing row ids seen in an earlier source."""
+    files = reader.fetch_shard_files(index, verify=True)
+    ids = np.asarray(reader.decode_shard_files(index, files).row_id)
+    for rid in ids.tolist():
+        other = seen.get(rid)
+        if other is not None:
+            raise ConfigError(
+                f"cannot merge: row id {rid} is in both {other} and {url} (shard {rec.path}); "
+                "merged caches must hold disjoint rows - re-dump one of them over other data"
+            )
+    seen.update(dict.fromkeys(ids.tolist(), url))
+    new_path = posixpath.join(posixpath.dirname(rec.path), prefix + posixpath.basename(rec.path))
+    records = []
+    for f in rec.files:
+        rel = f.path[len(rec.path) + 1 :] if f.path != rec.path else ""
+        target = f"{new_path}/{rel}" if rel else new_path
+        dst.write_atomic(target, files[rel])
+        records.append(FileRecord(path=target, bytes=f.bytes, sha256=f.sha256))
+    return replace(rec, path=new_path, files=tuple(records))

@@ -1,0 +1,233 @@
+"""Caches on a real S3-compatible server (moto on loopback), with faults injected by a proxy:
+commit-safe writes, the writer lock, retries that never yield wrong bytes, the local cache,
+cp and merge, and the CLI end to end (dump -> verify -> info -> train) against s3:// URLs."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from s3_testing import Fault, FaultProxy, MotoS3, s3_options
+from synth import topk_targets
+from test_store import header, make_batches, write_cache
+
+from logitcache.cli import cli
+from logitcache.errors import (
+    CacheLockedError,
+    ChecksumMismatchError,
+    ConfigError,
+    ManifestError,
+    StorageError,
+    WriterError,
+)
+from logitcache.store import CacheReader, CacheWriter, copy_cache, merge_caches
+
+BATCHES = make_batches(3, 6, 4, 8, 4, 50)
+
+
+def rows_of(url: str, **kw: Any) -> dict[int, tuple[bytes, bytes]]:
+    out = {}
+    for rows in CacheReader(url, **kw).iter_rows():
+        t = rows.targets
+        off = rows.position_offsets
+        for i, rid in enumerate(rows.row_id.tolist()):
+            out[rid] = (
+                rows.input_ids[i].tobytes(),
+                t.ids[off[i] : off[i + 1]].tobytes() + t.logprobs[off[i] : off[i + 1]].tobytes(),
+            )
+    return out
+
+
+@pytest.fixture(scope="module")
+def local_cache(tmp_path_factory: pytest.TempPathFactory) -> str:
+    url = str(tmp_path_factory.mktemp("local") / "c")
+    write_cache(url, header("zarr"), BATCHES)
+    return url
+
+
+def test_writer_survives_faults_and_commits_only_complete_caches(
+    bucket: str, moto_s3: MotoS3, s3_proxy: FaultProxy, local_cache: str
+) -> None:
+    opts = s3_options(s3_proxy.endpoint)
+    s3_proxy.add(
+        Fault("PUT", "/shards/00000.zarr/", 503),
+        Fault("PUT", "/shards/00001.zarr/", "drop"),
+        Fault("PUT", "/shards/00002.zarr/", "drop_after"),  # written, answer lost: re-PUT
+        Fault("PUT", "/_writers/", 500, skip=1),
+        Fault("PUT", "/manifest.json", "drop"),
+    )
+    url = f"s3://{bucket}/c"
+    write_cache(url, header("zarr"), BATCHES, storage_options=opts)
+    assert all(f.fired == f.times for f in s3_proxy.faults)
+    assert rows_of(url, storage_options=opts) == rows_of(local_cache)
+    m = CacheReader(url, storage_options=opts).manifest
+    assert m.content_digest == CacheReader(local_cache).manifest.content_digest
+    keys = moto_s3.keys(bucket, "c/")
+    assert not [k for k in keys if ".tmp-" in k or k.startswith("c/_locks/")], keys
+
+
+def test_writer_that_keeps_failing_raises_clearly_and_commits_nothing(
+    bucket: str, moto_s3: MotoS3, s3_proxy: FaultProxy
+) -> None:
+    opts = s3_options(s3_proxy.endpoint)
+    s3_proxy.add(Fault("PUT", "/shards/00001", 503, times=1000))
+    with pytest.raises(StorageError, match=r"writing .*shards/00001.* failed 6 times.*--resume"):
+        write_cache(f"s3://{bucket}/c", header("zarr"), BATCHES, storage_options=opts)
+    keys = moto_s3.keys(bucket, "c/")
+    assert "c/manifest.json" not in keys and not [k for k in keys if "_locks" in k]
+    s3_proxy.clear()  # the network heals: resume finishes the same cache
+    write_cache(f"s3://{bucket}/c", header("zarr"), BATCHES, storage_options=opts, resume=True)
+    assert len(rows_of(f"s3://{bucket}/c", storage_options=opts)) == 24
+
+
+@pytest.mark.parametrize("action", [503, 500, "drop", "truncate", "corrupt"])
+def test_reader_retries_transient_faults_into_correct_rows(
+    bucket: str, s3_proxy: FaultProxy, local_cache: str, action: int | str
+) -> None:
+    opts = s3_options(s3_proxy.endpoint)
+    url = f"s3://{bucket}/c"
+    write_cache(url, header("zarr"), BATCHES, storage_options=opts)
+    s3_proxy.add(Fault("GET", "/shards/", action, times=2, skip=1))
+    # verify=False still checks remote bytes: a flaky network never yields wrong targets
+    assert rows_of(url, storage_options=opts, verify=False) == rows_of(local_cache)
+    assert s3_proxy.faults[0].fired == 2
+
+
+def test_reader_refuses_persistently_bad_bytes(bucket: str, s3_proxy: FaultProxy) -> None:
+    opts = s3_options(s3_proxy.endpoint)
+    url = f"s3://{bucket}/c"
+    write_cache(url, header("arrow"), BATCHES, storage_options=opts)
+    s3_proxy.add(Fault("GET", "/shards/00001", "corrupt", times=1000))
+    r = CacheReader(url, storage_options=opts, verify=False)
+    r.read_rows(0, 1)
+    with pytest.raises(ChecksumMismatchError, match=r"shards/00001.arrow.*fails its checksum"):
+        r.load_shard(1)
+    s3_proxy.clear()
+    s3_proxy.add(Fault("GET", "/shards/00002", 503, times=1000))
+    with pytest.raises(StorageError, match=r"reading shards/00002.arrow at s3://.*failed"):
+        r.load_shard(2)
+
+
+def test_second_writer_is_refused_and_stale_locks_need_break_lock(
+    bucket: str, moto_s3: MotoS3
+) -> None:
+    opts = s3_options(moto_s3.endpoint)
+    url = f"s3://{bucket}/c"
+    hdr = header("zarr")
+    results: list[str] = []
+
+    def race() -> None:
+        try:
+            w = CacheWriter(url, hdr, storage_options=opts)
+            results.append("won")
+            barrier.wait()
+            w.abort()
+        except CacheLockedError:
+            results.append("refused")
+            barrier.wait()
+
+    barrier = threading.Barrier(4)
+    threads = [threading.Thread(target=race) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == ["refused"] * 3 + ["won"]  # the conditional PUT decides
+
+    w = CacheWriter(url, hdr, storage_options=opts)
+    with pytest.raises(CacheLockedError, match=r"being written by another dump.*--break-lock"):
+        CacheWriter(url, hdr, storage_options=opts, resume=True)
+    w.abort()
+    # a dead writer on another machine left its lock: refused until --break-lock
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**{k: v for k, v in opts.items() if not k.startswith("logitcache")})
+    record = {"owner": "x", "host": "elsewhere", "pid": 7, "created_at": "2026-01-01T00:00:00"}
+    fs.pipe_file(f"{bucket}/c/_locks/main.json", json.dumps(record).encode())
+    with pytest.raises(CacheLockedError, match="host elsewhere, pid 7"):
+        CacheWriter(url, hdr, storage_options=opts, resume=True)
+    write_cache(url, hdr, BATCHES, storage_options=opts, resume=True, break_lock=True)
+    assert len(rows_of(url, storage_options=opts)) == 24
+
+
+def test_local_cache_serves_verified_entries_within_its_bound(
+    bucket: str, s3_proxy: FaultProxy, tmp_path: Path, local_cache: str
+) -> None:
+    opts = s3_options(s3_proxy.endpoint)
+    url = f"s3://{bucket}/c"
+    write_cache(url, header("arrow"), BATCHES, storage_options=opts)
+    lc = tmp_path / "lc"
+    expected = rows_of(local_cache)
+    assert rows_of(url, storage_options=opts, local_cache=lc) == expected
+    first = s3_proxy.count("GET", "/shards/")
+    assert first > 0
+    assert rows_of(url, storage_options=opts, local_cache=lc) == expected
+    assert s3_proxy.count("GET", "/shards/") == first  # all hits
+    victim = next(p for p in lc.rglob("*") if p.is_file())
+    victim.write_bytes(b"x" + victim.read_bytes()[1:])  # a damaged entry is refetched
+    assert rows_of(url, storage_options=opts, local_cache=lc) == expected
+    assert s3_proxy.count("GET", "/shards/") == first + 1
+    m = CacheReader(url, storage_options=opts).manifest
+    bound = 2 * max(s.bytes for s in m.shards)
+    small = {"local_cache": tmp_path / "small", "local_cache_size": bound}
+    assert rows_of(url, storage_options=opts, **small) == expected
+    r = CacheReader(url, storage_options=opts, **small)
+    assert r.local_cache is not None and 0 < r.local_cache.total_bytes() <= bound
+
+
+def test_cp_verifies_resumes_and_keeps_the_digest(
+    bucket: str, moto_s3: MotoS3, s3_proxy: FaultProxy, local_cache: str, tmp_path: Path
+) -> None:
+    opts = s3_options(s3_proxy.endpoint)
+    dst = f"s3://{bucket}/copy"
+    digest = CacheReader(local_cache).manifest.content_digest
+    with pytest.raises(ManifestError, match="expected sha256:00"):
+        copy_cache(local_cache, dst, dst_options=opts, expect_digest="00" * 32)
+    s3_proxy.add(Fault("PUT", "/copy/shards/00002", 503, times=1000))
+    with pytest.raises(StorageError):
+        copy_cache(local_cache, dst, dst_options=opts, workers=2)
+    assert "copy/manifest.json" not in moto_s3.keys(bucket, "copy/")
+    s3_proxy.clear()
+    report = copy_cache(local_cache, dst, dst_options=opts, expect_digest=digest)
+    assert report.files_skipped > 0 and report.files_copied > 0
+    assert report.content_digest == digest
+    assert rows_of(dst, storage_options=opts) == rows_of(local_cache)
+    again = copy_cache(local_cache, dst, dst_options=opts)
+    assert again.files_copied == 0
+    back = str(tmp_path / "back")  # and back down, through the CLI
+    r = CliRunner().invoke(
+        cli,
+        ["cp", dst, back, "--expect-digest", digest]
+        + [f"--storage-option={k}={json.dumps(v)}" for k, v in opts.items()],
+    )
+    assert r.exit_code == 0, r.output
+    assert CacheReader(back).manifest.content_digest == digest
+
+
+def test_merge_joins_disjoint_caches_and_refuses_mismatches(
+    bucket: str, moto_s3: MotoS3, tmp_path: Path, local_cache: str
+) -> None:
+    opts = s3_options(moto_s3.endpoint)
+    a, b = f"s3://{bucket}/a", f"s3://{bucket}/b"
+    write_cache(a, header("zarr"), BATCHES[:3], storage_options=opts)
+    write_cache(b, header("zarr"), BATCHES[3:], storage_options=opts)
+    out = f"s3://{bucket}/merged"
+    m = merge_caches(out, [a, b], storage_options=opts)
+    assert m.num_rows == 24
+    assert rows_of(out, storage_options=opts) == rows_of(local_cache)
+    with pytest.raises(WriterError, match="already holds a committed cache"):
+        merge_caches(out, [a, b], storage_options=opts)
+    with pytest.raises(ConfigError, match=r"row id 1000 is in both"):
+        merge_caches(f"s3://{bucket}/m2", [a, local_cache], storage_options=opts)
+    other = str(tmp_path / "k5")
+    rng = np.random.default_rng(0)
+    with CacheWriter(other, header("zarr", k=5)) as w:
+        mask = np.ones((2, 8), bool)
+        w.write(np.arange(2) + 5000, np.zeros((2, 8), int), mask, topk_targets(rng, 16, 5, 50))
+    with pytest.raises(ConfigError, match=r"differ in targets.k \(4 vs 5\)"):
+        merge_caches(f"s3://{bucket}/m3", [a, other], storage_options=opts)
