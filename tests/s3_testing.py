@@ -12,12 +12,16 @@ matches through, and fire ``times`` times.
 from __future__ import annotations
 
 import http.client
+import itertools
 import logging
 import socket
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+import pytest
 
 _HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "proxy-connection"}
 
@@ -236,3 +240,38 @@ def s3_options(endpoint: str, fast: bool = True) -> dict[str, Any]:
         }
         opts["logitcache_backoff_s"] = 0.01
     return opts
+
+
+# -- fixtures (import them into a test module: ``from s3_testing import bucket, ...``) ---------
+
+_names = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def moto_s3() -> Iterator[MotoS3]:
+    pytest.importorskip("moto.server", reason="needs moto[server] (the dev extra)")
+    pytest.importorskip("s3fs", reason="needs s3fs (the s3 or dev extra)")
+    server = MotoS3()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def fault_proxy(moto_s3: MotoS3) -> Iterator[FaultProxy]:
+    proxy = FaultProxy(moto_s3.port)
+    yield proxy
+    proxy.stop()
+
+
+@pytest.fixture
+def s3_proxy(fault_proxy: FaultProxy) -> Iterator[FaultProxy]:
+    """The fault proxy with no faults and an empty request log."""
+    fault_proxy.clear()
+    yield fault_proxy
+    fault_proxy.clear()
+
+
+@pytest.fixture
+def bucket(moto_s3: MotoS3) -> str:
+    """A fresh, empty bucket per test."""
+    return moto_s3.bucket(f"test-{next(_names)}")

@@ -2,6 +2,7 @@
 commit-safe writes, the writer lock, retries that never yield wrong bytes, the local cache,
 cp and merge, and the CLI end to end (dump -> verify -> info -> train) against s3:// URLs."""
 
+# ruff: noqa: F811  (pytest fixtures imported from s3_testing and requested by name)
 from __future__ import annotations
 
 import json
@@ -12,7 +13,16 @@ from typing import Any
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from s3_testing import Fault, FaultProxy, MotoS3, s3_options
+from s3_testing import (  # noqa: F401 (fixtures are used by name)
+    Fault,
+    FaultProxy,
+    MotoS3,
+    bucket,
+    fault_proxy,
+    moto_s3,
+    s3_options,
+    s3_proxy,
+)
 from synth import topk_targets
 from test_store import header, make_batches, write_cache
 
