@@ -2,9 +2,10 @@
 ``python scripts/bench_remote.py``.
 
 Builds the same top-64 cache as ``bench_loader.py`` (real SmolLM2 distributions, rows of 2048
-tokens) on local disk, copies it with ``copy_cache`` into a real S3-compatible server (moto) on
-loopback, then measures loader positions/s (batch 8, 0 workers, dequantised batches on the CPU,
-``readahead`` shards fetched ahead) over whole epochs, first batch included:
+tokens) on local disk, copies it with ``copy_cache`` into a real S3-compatible server
+(``moto_server``, its own process) on loopback, then measures loader positions/s (batch 8, 0
+workers, dequantised batches on the CPU, ``readahead`` shards fetched ahead) over whole epochs,
+first batch included:
 
 - ``local``: the cache on local disk;
 - ``remote`` (cold): from the S3 server, every shard downloaded and sha256-verified;
@@ -21,6 +22,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -28,8 +31,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
+import boto3
 from bench_loader import BATCH, build
-from s3_testing import MotoS3
+from s3_testing import free_port
 
 from logitcache.data import make_loader
 from logitcache.store import copy_cache
@@ -48,25 +52,49 @@ def epoch_rate(url: str, epochs: int, readahead: int, **kw: object) -> float:
     return positions / elapsed
 
 
+def start_server() -> tuple[subprocess.Popen[bytes], str]:
+    """moto's S3 server in its own process (in-process it would share our GIL)."""
+    port = free_port()
+    exe = Path(sys.executable).with_name("moto_server")
+    proc = subprocess.Popen(
+        [str(exe), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    for _ in range(200):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    return proc, f"http://127.0.0.1:{port}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--rows", type=int, default=96)
+    ap.add_argument("--rows", type=int, default=384)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--readahead", type=int, default=2)
     args = ap.parse_args()
 
-    server = MotoS3()
-    server.bucket("bench")
+    proc, endpoint = start_server()
     opts = {
         "key": "testing",
         "secret": "testing",
-        "endpoint_url": server.endpoint,
+        "endpoint_url": endpoint,
         "client_kwargs": {"region_name": "us-east-1"},
     }
     try:
         with tempfile.TemporaryDirectory() as tmp:
             local = f"{tmp}/cache"
             build(local, args.rows)
+            boto3.client(
+                "s3",
+                endpoint_url=endpoint,
+                aws_access_key_id="testing",
+                aws_secret_access_key="testing",
+                region_name="us-east-1",
+            ).create_bucket(Bucket="bench")
             copy_cache(local, "s3://bench/cache", dst_options=opts)
             remote = "s3://bench/cache"
             result: dict[str, object] = {"rows": args.rows, "readahead": args.readahead}
@@ -89,7 +117,8 @@ def main() -> None:
             )
             print(json.dumps(result))
     finally:
-        server.stop()
+        proc.terminate()
+        proc.wait()
 
 
 if __name__ == "__main__":

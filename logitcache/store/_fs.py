@@ -136,6 +136,19 @@ class Location:
         p = self.path(rel)
         return bytes(self.retrying(f"reading {rel}", lambda: self.fs.cat_file(p)))
 
+    def read_many(self, rels: list[str]) -> dict[str, bytes]:
+        """Several files at once (concurrent requests on async filesystems such as s3fs)."""
+        paths = {self.path(r): r for r in rels}
+
+        def cat() -> Any:
+            return self.fs.cat(list(paths), on_error="raise")
+
+        got = self.retrying(f"reading {len(rels)} files", cat)
+        out = {paths[p]: bytes(v) for p, v in got.items() if p in paths}
+        if len(out) != len(rels):  # a filesystem that renames keys: fall back to one by one
+            return {r: self.read_bytes(r) for r in rels}
+        return out
+
     def size(self, rel: str) -> int:
         p = self.path(rel)
         return int(self.retrying(f"sizing {rel}", lambda: self.fs.size(p)))

@@ -68,6 +68,10 @@ class LocalShardCache:
             raise ConfigError(f"not a sha256 hex digest: {sha256!r}")
         return self.root / sha256[:2] / sha256
 
+    def has(self, sha256: str) -> bool:
+        """Whether an entry exists (not checked; :meth:`get` checks)."""
+        return self._path(sha256).is_file()
+
     def get(self, sha256: str, size: int) -> bytes | None:
         """The entry's bytes if present and intact (size and sha256 checked), else None."""
         path = self._path(sha256)

@@ -20,6 +20,7 @@ Rows are addressed by *global index* (0..num_rows-1 in manifest order) or by the
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import threading
@@ -38,6 +39,7 @@ from logitcache.errors import (
     ChecksumMismatchError,
     ConfigError,
     ShardMissingError,
+    StorageError,
 )
 from logitcache.format.codec import TargetCodec, Targets
 from logitcache.format.manifest import MANIFEST_NAME, FileRecord, Manifest, ShardRecord
@@ -166,15 +168,27 @@ class CacheReader:
         rec = self.manifest.shards[index]
         check = self.verify if verify is None else verify
         out: dict[str, bytes] = {}
+        first: dict[str, bytes] = {}
+        if not self.loc.is_local and len(rec.files) > 1:
+            # a Zarr shard is a dozen objects: request them together, not one round trip each
+            need = [f.path for f in rec.files if not self._cached(f)]
+            with contextlib.suppress(FileNotFoundError, StorageError):
+                first = self.loc.read_many(need) if need else {}
         for f in rec.files:
             out[f.path[len(rec.path) + 1 :] if f.path != rec.path else ""] = self.fetch_file(
-                rec, f, check
+                rec, f, check, first.get(f.path)
             )
         return out
 
-    def fetch_file(self, rec: ShardRecord, f: FileRecord, check: bool = True) -> bytes:
-        """One file, from the local cache if it holds it intact, else from the store; remote
-        bytes are always verified, and fetched again (a few times) when they fail."""
+    def _cached(self, f: FileRecord) -> bool:
+        return self.local_cache is not None and self.local_cache.has(f.sha256)
+
+    def fetch_file(
+        self, rec: ShardRecord, f: FileRecord, check: bool = True, first: bytes | None = None
+    ) -> bytes:
+        """One file, from the local cache if it holds it intact, else from the store (``first``:
+        bytes already fetched, checked like any other); remote bytes are always verified, and
+        fetched again (a few times) when they fail."""
         if self.local_cache is not None:
             hit = self.local_cache.get(f.sha256, f.bytes)
             if hit is not None:
@@ -183,7 +197,8 @@ class CacheReader:
         attempt = 0
         while True:
             try:
-                data = self.loc.read_bytes(f.path)
+                data = first if first is not None else self.loc.read_bytes(f.path)
+                first = None
             except FileNotFoundError as e:
                 raise ShardMissingError(
                     f"shard {rec.path}: file {f.path} listed in the manifest is missing from "
