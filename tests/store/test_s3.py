@@ -54,6 +54,13 @@ def rows_of(url: str, **kw: Any) -> dict[int, tuple[bytes, bytes]]:
 
 
 @pytest.fixture(scope="module")
+def local_arrow(tmp_path_factory: pytest.TempPathFactory) -> str:
+    url = str(tmp_path_factory.mktemp("local") / "c")
+    write_cache(url, header("arrow"), BATCHES)
+    return url
+
+
+@pytest.fixture(scope="module")
 def local_cache(tmp_path_factory: pytest.TempPathFactory) -> str:
     url = str(tmp_path_factory.mktemp("local") / "c")
     write_cache(url, header("zarr"), BATCHES)
@@ -191,23 +198,23 @@ def test_local_cache_serves_verified_entries_within_its_bound(
 
 
 def test_cp_verifies_resumes_and_keeps_the_digest(
-    bucket: str, moto_s3: MotoS3, s3_proxy: FaultProxy, local_cache: str, tmp_path: Path
+    bucket: str, moto_s3: MotoS3, s3_proxy: FaultProxy, local_arrow: str, tmp_path: Path
 ) -> None:
     opts = s3_options(s3_proxy.endpoint)
     dst = f"s3://{bucket}/copy"
-    digest = CacheReader(local_cache).manifest.content_digest
+    digest = CacheReader(local_arrow).manifest.content_digest
     with pytest.raises(ManifestError, match="expected sha256:00"):
-        copy_cache(local_cache, dst, dst_options=opts, expect_digest="00" * 32)
-    s3_proxy.add(Fault("PUT", "/copy/shards/00002", 503, times=1000))
+        copy_cache(local_arrow, dst, dst_options=opts, expect_digest="00" * 32)
+    s3_proxy.add(Fault("PUT", "/copy/shards/00002.arrow", 503, times=1000))
     with pytest.raises(StorageError):
-        copy_cache(local_cache, dst, dst_options=opts, workers=2)
+        copy_cache(local_arrow, dst, dst_options=opts, workers=2)
     assert "copy/manifest.json" not in moto_s3.keys(bucket, "copy/")
     s3_proxy.clear()
-    report = copy_cache(local_cache, dst, dst_options=opts, expect_digest=digest)
+    report = copy_cache(local_arrow, dst, dst_options=opts, expect_digest=digest)
     assert report.files_skipped > 0 and report.files_copied > 0
     assert report.content_digest == digest
-    assert rows_of(dst, storage_options=opts) == rows_of(local_cache)
-    again = copy_cache(local_cache, dst, dst_options=opts)
+    assert rows_of(dst, storage_options=opts) == rows_of(local_arrow)
+    again = copy_cache(local_arrow, dst, dst_options=opts)
     assert again.files_copied == 0
     back = str(tmp_path / "back")  # and back down, through the CLI
     r = CliRunner().invoke(
@@ -220,23 +227,23 @@ def test_cp_verifies_resumes_and_keeps_the_digest(
 
 
 def test_merge_joins_disjoint_caches_and_refuses_mismatches(
-    bucket: str, moto_s3: MotoS3, tmp_path: Path, local_cache: str
+    bucket: str, moto_s3: MotoS3, tmp_path: Path, local_arrow: str
 ) -> None:
     opts = s3_options(moto_s3.endpoint)
     a, b = f"s3://{bucket}/a", f"s3://{bucket}/b"
-    write_cache(a, header("zarr"), BATCHES[:3], storage_options=opts)
-    write_cache(b, header("zarr"), BATCHES[3:], storage_options=opts)
+    write_cache(a, header("arrow"), BATCHES[:3], storage_options=opts)
+    write_cache(b, header("arrow"), BATCHES[3:], storage_options=opts)
     out = f"s3://{bucket}/merged"
     m = merge_caches(out, [a, b], storage_options=opts)
     assert m.num_rows == 24
-    assert rows_of(out, storage_options=opts) == rows_of(local_cache)
+    assert rows_of(out, storage_options=opts) == rows_of(local_arrow)
     with pytest.raises(WriterError, match="already holds a committed cache"):
         merge_caches(out, [a, b], storage_options=opts)
     with pytest.raises(ConfigError, match=r"row id 1000 is in both"):
-        merge_caches(f"s3://{bucket}/m2", [a, local_cache], storage_options=opts)
+        merge_caches(f"s3://{bucket}/m2", [a, local_arrow], storage_options=opts)
     other = str(tmp_path / "k5")
     rng = np.random.default_rng(0)
-    with CacheWriter(other, header("zarr", k=5)) as w:
+    with CacheWriter(other, header("arrow", k=5)) as w:
         mask = np.ones((2, 8), bool)
         w.write(np.arange(2) + 5000, np.zeros((2, 8), int), mask, topk_targets(rng, 16, 5, 50))
     with pytest.raises(ConfigError, match=r"differ in targets.k \(4 vs 5\)"):
