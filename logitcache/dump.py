@@ -60,7 +60,7 @@ from logitcache.inputs import (
     tokenizer_fingerprint,
 )
 from logitcache.store import CacheHeader, CacheWriter, check_output, finalize_cache
-from logitcache.store.writer import DEFAULT_COMPRESSION_LEVEL, DEFAULT_SHARD_BYTES
+from logitcache.store.header import DEFAULT_COMPRESSION_LEVEL, DEFAULT_SHARD_BYTES
 from logitcache.teacher import SparsifyConfig, Teacher, load_teacher, sparsify_batch
 
 __all__ = ["DumpConfig", "DumpResult", "dump", "finalize_dump"]

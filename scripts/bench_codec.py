@@ -29,7 +29,7 @@ from numcodecs import Zstd
 from logitcache.format.sampled import SampledCodec
 from logitcache.format.targets import SampledTargets, TopKTargets
 from logitcache.format.topk import TopKCodec
-from logitcache.store.writer import DEFAULT_COMPRESSION_LEVEL
+from logitcache.store.header import DEFAULT_COMPRESSION_LEVEL
 
 LEVEL = DEFAULT_COMPRESSION_LEVEL
 ZSTD = Zstd(level=LEVEL)

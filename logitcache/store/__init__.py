@@ -2,9 +2,11 @@
 
 from logitcache.store.backends import BACKENDS
 from logitcache.store.base import ShardData
+from logitcache.store.finalize import finalize_cache
+from logitcache.store.header import CacheHeader
 from logitcache.store.reader import CacheReader, Rows, read_manifest
 from logitcache.store.share import CopyReport, copy_cache, merge_caches
-from logitcache.store.writer import CacheHeader, CacheWriter, check_output, finalize_cache
+from logitcache.store.writer import CacheWriter, check_output
 
 __all__ = [
     "BACKENDS",

@@ -47,7 +47,7 @@ from logitcache.store._fs import Location, open_location
 from logitcache.store._localcache import LocalShardCache, parse_size
 from logitcache.store.backends import backend_for
 from logitcache.store.base import ShardData, concat_shards, row_position_offsets, slice_rows
-from logitcache.store.writer import PARTS_DIR, PROGRESS_DIR
+from logitcache.store.header import PARTS_DIR, PROGRESS_DIR
 
 __all__ = ["CacheReader", "Rows", "read_manifest"]
 

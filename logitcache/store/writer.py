@@ -28,24 +28,18 @@ import hashlib
 import json
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
-from datetime import datetime, timezone
 from types import TracebackType
 from typing import Any
 
 import numpy as np
 
 from logitcache.errors import CacheIncompleteError, ConfigError, LogitCacheError, WriterError
-from logitcache.format.codec import TargetCodec, Targets
+from logitcache.format.codec import Targets
 from logitcache.format.manifest import (
     MANIFEST_NAME,
-    Backend,
-    Coverage,
     FileRecord,
     Manifest,
     ShardRecord,
-    SourceInfo,
-    TargetsInfo,
     shard_name,
 )
 from logitcache.store._fs import Location, open_location
@@ -58,119 +52,19 @@ from logitcache.store.base import (
     shard_nbytes,
     slice_rows,
 )
+from logitcache.store.header import (
+    DEFAULT_SHARD_BYTES,
+    PARTS_DIR,
+    PROGRESS_DIR,
+    CacheHeader,
+    CoverageSum,
+)
 
-__all__ = [
-    "DEFAULT_COMPRESSION_LEVEL",
-    "CacheHeader",
-    "CacheWriter",
-    "check_output",
-    "finalize_cache",
-]
+__all__ = ["CacheWriter", "check_output"]
 
 log = logging.getLogger("logitcache")
 
-PROGRESS_DIR = "_writers"
-PARTS_DIR = "_parts"
-DEFAULT_SHARD_BYTES = 128 << 20
-# zstd 15 vs 3 on real top-64 targets: 1.56 vs 1.66 bytes/entry (-6%) for ~10 MB/s instead of
-# ~100 MB/s of raw input per core, i.e. ~50k tokens/s per core at k=64, which the background
-# writer hides behind a GPU teacher; decoding speed does not depend on the level.
-# (scripts/bench_codec.py measures both.)
-DEFAULT_COMPRESSION_LEVEL = 15
 _MAX_SHARD_BYTES = 1 << 30  # Arrow list offsets are int32
-
-
-@dataclass(frozen=True)
-class CacheHeader:
-    """The manifest minus what writing produces (shards, coverage, timestamps)."""
-
-    codec: TargetCodec
-    targets: TargetsInfo
-    seq_len: int
-    vocab_size: int
-    padded_vocab_size: int
-    backend: Backend = "zarr"
-    compression_level: int = DEFAULT_COMPRESSION_LEVEL
-    teacher: SourceInfo = SourceInfo()
-    tokenizer: SourceInfo = SourceInfo()
-    dataset: SourceInfo = SourceInfo()
-    extra: Mapping[str, Any] | None = None
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.compression_level <= 22:
-            raise ConfigError(
-                f"compression_level must be a zstd level in [1, 22], got {self.compression_level}"
-            )
-
-    def manifest(self, shards: Sequence[ShardRecord], coverage: Coverage) -> Manifest:
-        from logitcache import __version__
-
-        return Manifest(
-            backend=self.backend,
-            seq_len=self.seq_len,
-            vocab_size=self.vocab_size,
-            padded_vocab_size=self.padded_vocab_size,
-            targets=self.targets,
-            codec=self.codec,
-            shards=tuple(shards),
-            compression={"name": "zstd", "level": self.compression_level},
-            teacher=self.teacher,
-            tokenizer=self.tokenizer,
-            dataset=self.dataset,
-            coverage=coverage,
-            created_by=f"logitcache {__version__}",
-            created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            extra=dict(self.extra or {}),
-        )
-
-    def fingerprint_dict(self) -> dict[str, Any]:
-        """The fields two writers of one cache must agree on (timestamps excluded)."""
-        d = self.manifest((), Coverage()).to_dict()
-        for k in (
-            "created_at",
-            "created_by",
-            "shards",
-            "coverage",
-            "num_rows",
-            "num_positions",
-            "num_bytes",
-            "content_digest",
-        ):
-            d.pop(k, None)
-        return d
-
-
-class _CoverageSum:
-    def __init__(self, d: Mapping[str, float] | None = None) -> None:
-        d = d or {}
-        self.positions = int(d.get("positions", 0))
-        self.mass = float(d.get("mass", 0.0))
-        self.mass_n = int(d.get("mass_n", 0))
-        self.entropy = float(d.get("entropy", 0.0))
-        self.entropy_n = int(d.get("entropy_n", 0))
-
-    def add(self, positions: int, mass: np.ndarray | None, entropy: np.ndarray | None) -> None:
-        self.positions += positions
-        if mass is not None:
-            self.mass += float(np.sum(mass, dtype=np.float64))
-            self.mass_n += int(mass.size)
-        if entropy is not None:
-            self.entropy += float(np.sum(entropy, dtype=np.float64))
-            self.entropy_n += int(entropy.size)
-
-    def merge(self, other: _CoverageSum) -> None:
-        for k in ("positions", "mass", "mass_n", "entropy", "entropy_n"):
-            setattr(self, k, getattr(self, k) + getattr(other, k))
-
-    def to_dict(self) -> dict[str, float]:
-        return dict(self.__dict__)
-
-    def coverage(self) -> Coverage:
-        return Coverage(
-            positions=self.positions,
-            captured_mass=self.mass / self.mass_n if self.mass_n else None,
-            entropy=self.entropy / self.entropy_n if self.entropy_n else None,
-        )
 
 
 def _sha256(data: bytes) -> str:
@@ -236,7 +130,7 @@ class CacheWriter:
         self._buffer: list[ShardData] = []
         self._buffer_bytes = 0
         self._shards: list[ShardRecord] = []
-        self._coverage = _CoverageSum()
+        self._coverage = CoverageSum()
         self._closed = False
         self._lock = WriterLock(self.loc, part or "main")
         self._lock.acquire(break_lock)
@@ -244,9 +138,7 @@ class CacheWriter:
             if part is None:
                 _refuse_existing(self.loc, overwrite, resume)
             elif self.loc.exists(MANIFEST_NAME):
-                raise WriterError(
-                    f"{self.loc.url} already holds a committed cache (manifest.json)"
-                )
+                raise WriterError(f"{self.loc.url} already holds a committed cache (manifest.json)")
             self.loc.makedirs()
             self.resumed_rows = self._resume() if resume else 0
         except BaseException:
@@ -404,7 +296,7 @@ class CacheWriter:
         # a shard renamed into place after the last progress record is redone
         self.loc.remove(shard_name(len(shards), self._prefix, self.header.backend))
         self._shards = shards
-        self._coverage = _CoverageSum(record.get("coverage_sums"))
+        self._coverage = CoverageSum(record.get("coverage_sums"))
         return sum(s.rows for s in shards)
 
     # -- commit ------------------------------------------------------------------------------
@@ -532,52 +424,3 @@ def _row_bytes(data: ShardData, specs: Sequence[Any], count_array: str | None) -
         ent = np.concatenate([[0], np.cumsum(data.targets[count_array].astype(np.int64))])
         out = out + (ent[pos_off[1:]] - ent[pos_off[:-1]]) * per_entry
     return np.asarray(out, dtype=np.int64)
-
-
-def finalize_cache(
-    url: str, parts: Sequence[str], storage_options: Mapping[str, Any] | None = None
-) -> Manifest:
-    """Join the completion markers of ``parts`` (in that order) into one manifest, atomically.
-
-    Refuses when a part is missing (naming it) or when parts disagree on any header field.
-    """
-    loc = open_location(url, storage_options)
-    if loc.exists(MANIFEST_NAME):
-        raise WriterError(f"{url} is already finalized (manifest.json exists)")
-    manifests: list[Manifest] = []
-    cov = _CoverageSum()
-    for p in parts:
-        rel = f"{PARTS_DIR}/{p}.json"
-        if not loc.exists(rel):
-            raise CacheIncompleteError(
-                f"cannot finalize {url}: part {p!r} has not completed ({rel} is missing); "
-                "wait for it or resume that rank"
-            )
-        d = json.loads(loc.read_bytes(rel))
-        manifests.append(Manifest.from_dict(d["manifest"]))
-        cov.merge(_CoverageSum(d["coverage_sums"]))
-    if not manifests:
-        raise ConfigError("finalize needs at least one part")
-    first = manifests[0].to_dict()
-    skip = {
-        "shards",
-        "coverage",
-        "num_rows",
-        "num_positions",
-        "num_bytes",
-        "created_at",
-        "content_digest",
-    }
-    for p, m in zip(parts, manifests, strict=True):
-        d = m.to_dict()
-        for key in first:
-            if key not in skip and d.get(key) != first.get(key):
-                raise ConfigError(
-                    f"cannot finalize {url}: part {p!r} differs from part {parts[0]!r} in {key}"
-                )
-    shards = tuple(s for m in manifests for s in m.shards)
-    manifest = replace(
-        manifests[0], shards=shards, coverage=cov.coverage(), read_digest=None, stored_digest=None
-    )
-    loc.write_atomic(MANIFEST_NAME, manifest.to_json().encode())
-    return manifest

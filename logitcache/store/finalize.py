@@ -1,0 +1,70 @@
+"""Joining the parts of a multi-rank dump into one manifest.
+
+Each rank's writer commits a completion marker ``_parts/<part>.json`` (its manifest and coverage
+sums) instead of ``manifest.json``; :func:`finalize_cache` checks that every part completed and
+that all agree on the header, then writes the one manifest, atomically, listing the parts'
+shards in the order given.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from typing import Any
+
+from logitcache.errors import CacheIncompleteError, ConfigError, WriterError
+from logitcache.format.manifest import MANIFEST_NAME, Manifest
+from logitcache.store._fs import open_location
+from logitcache.store.header import PARTS_DIR, CoverageSum
+
+__all__ = ["finalize_cache"]
+
+
+def finalize_cache(
+    url: str, parts: Sequence[str], storage_options: Mapping[str, Any] | None = None
+) -> Manifest:
+    """Join the completion markers of ``parts`` (in that order) into one manifest, atomically.
+
+    Refuses when a part is missing (naming it) or when parts disagree on any header field.
+    """
+    loc = open_location(url, storage_options)
+    if loc.exists(MANIFEST_NAME):
+        raise WriterError(f"{url} is already finalized (manifest.json exists)")
+    manifests: list[Manifest] = []
+    cov = CoverageSum()
+    for p in parts:
+        rel = f"{PARTS_DIR}/{p}.json"
+        if not loc.exists(rel):
+            raise CacheIncompleteError(
+                f"cannot finalize {url}: part {p!r} has not completed ({rel} is missing); "
+                "wait for it or resume that rank"
+            )
+        d = json.loads(loc.read_bytes(rel))
+        manifests.append(Manifest.from_dict(d["manifest"]))
+        cov.merge(CoverageSum(d["coverage_sums"]))
+    if not manifests:
+        raise ConfigError("finalize needs at least one part")
+    first = manifests[0].to_dict()
+    skip = {
+        "shards",
+        "coverage",
+        "num_rows",
+        "num_positions",
+        "num_bytes",
+        "created_at",
+        "content_digest",
+    }
+    for p, m in zip(parts, manifests, strict=True):
+        d = m.to_dict()
+        for key in first:
+            if key not in skip and d.get(key) != first.get(key):
+                raise ConfigError(
+                    f"cannot finalize {url}: part {p!r} differs from part {parts[0]!r} in {key}"
+                )
+    shards = tuple(s for m in manifests for s in m.shards)
+    manifest = replace(
+        manifests[0], shards=shards, coverage=cov.coverage(), read_digest=None, stored_digest=None
+    )
+    loc.write_atomic(MANIFEST_NAME, manifest.to_json().encode())
+    return manifest
