@@ -102,7 +102,7 @@ def verify(cache: str, storage_options: tuple[str, ...]) -> None:
 @click.option("--tokens", default=16_384, show_default=True, help="Tokens of text to dump.")
 @click.option("--steps", default=150, show_default=True, help="Training steps per student.")
 @click.option("--k", default=64, show_default=True, help="Top-k ids cached per position.")
-@click.option("--seq-len", default=256, show_default=True, help="Tokens per row.")
+@click.option("--seq-len", default=128, show_default=True, help="Tokens per row.")
 @click.option("--batch-size", default=4, show_default=True, help="Rows per training step.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, ...")
 @_friendly_errors

@@ -37,7 +37,7 @@ __all__ = ["DemoConfig", "run_demo"]
 class DemoConfig:
     out: str = "demo-out"
     tokens: int = 16_384
-    seq_len: int = 256
+    seq_len: int = 128
     k: int = 64
     steps: int = 150
     batch_size: int = 4
@@ -179,6 +179,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         cfg.device,
         "--log-every",
         "20",
+        "--fused",
     ]
     results = {}
     for name, extra in (("distilled", ["--loss", "kl"]), ("hard", ["--alpha", "1.0"])):
