@@ -269,7 +269,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.eval_cache:
         check_compatible(
             student,
-            CacheReader(cfg.eval_cache).manifest,
+            CacheReader(cfg.eval_cache, storage_options=cfg.storage_options).manifest,
             allow_vocab_mismatch=cfg.allow_vocab_mismatch,
             cache_name=f"eval cache {cfg.eval_cache}",
         )
