@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures as cf
+import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -56,11 +57,15 @@ class _CacheSource:
         self.max_cached_shards = max_cached_shards
         self.storage_options = dict(storage_options) if storage_options else None
         self._reader: CacheReader | None = None
+        self._reader_pid = -1
         self.collator = Collator(self.reader.manifest, options)
 
     @property
     def reader(self) -> CacheReader:
-        if self._reader is None:
+        # one reader per process: a DataLoader worker forked from the parent must not reuse the
+        # parent's filesystem (fsspec's async filesystems, s3fs among them, are not fork-safe)
+        if self._reader is None or self._reader_pid != os.getpid():
+            self._reader_pid = os.getpid()
             self._reader = CacheReader(
                 self.url,
                 verify=self.verify,

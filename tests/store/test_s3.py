@@ -248,3 +248,19 @@ def test_merge_joins_disjoint_caches_and_refuses_mismatches(
         w.write(np.arange(2) + 5000, np.zeros((2, 8), int), mask, topk_targets(rng, 16, 5, 50))
     with pytest.raises(ConfigError, match=r"differ in targets.k \(4 vs 5\)"):
         merge_caches(f"s3://{bucket}/m3", [a, other], storage_options=opts)
+
+
+def test_loader_workers_read_an_s3_cache(bucket: str, moto_s3: MotoS3, local_cache: str) -> None:
+    """DataLoader worker processes (forked) must open their own S3 filesystem: fsspec's async
+    filesystems are not fork-safe, so a reader inherited from the parent cannot be reused."""
+    from logitcache.data import make_loader
+
+    opts = s3_options(moto_s3.endpoint)
+    url = f"s3://{bucket}/workers"
+    write_cache(url, header("zarr"), BATCHES, storage_options=opts)
+    seen: list[int] = []
+    loader = make_loader(url, 4, num_workers=1, device="cpu", storage_options=opts, timeout=60)
+    for batch in loader:
+        seen += batch["row_id"][~batch["is_pad"]].tolist()
+    loader.close()
+    assert sorted(seen) == sorted(rows_of(local_cache))
