@@ -88,6 +88,7 @@ def format_info(info: Mapping[str, Any]) -> str:
         f"{num(info['bytes_per_entry'], '.3f')} B/entry",
         f"coverage    captured mass {num(cov['captured_mass'], '.4f')}, "
         f"teacher entropy {num(cov['entropy'], '.3f')} nats",
+        f"digest      {info.get('content_digest') or '-'} (train --expect-digest)",
     ]
     for key in ("teacher", "tokenizer", "dataset"):
         src = info[key]

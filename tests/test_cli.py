@@ -45,6 +45,7 @@ def test_info_text_and_json(cache: Path) -> None:
     r = CliRunner().invoke(cli, ["info", str(cache)])
     assert r.exit_code == 0, r.output
     assert "top-4 + tail mass" in r.output and "tiny-teacher" in r.output
+    assert "digest      sha256:" in r.output
     r = CliRunner().invoke(cli, ["info", "--json", str(cache)])
     d = json.loads(r.output)
     assert d["rows"] == 6 and d["tokens"] == 36 and d["shards"] >= 2
