@@ -10,6 +10,11 @@ deterministic shard cuts (and so ``--resume``) rely on. An error in the thread i
 in the main thread at its next ``put`` or at ``close``; the main thread then leaves the
 ``CacheWriter`` block with that exception, which aborts the cache (no manifest).
 
+**Background reader.** Reading, tokenising and packing the next batch happen in another thread
+(:func:`read_ahead`) while the device runs the current one: on a GPU the teacher's forward would
+otherwise sit idle during tokenisation (fast tokenizers release the GIL). One producer and a FIFO
+queue keep the row order, so resume and rank splits are unchanged.
+
 **Ranks.** Under ``torchrun`` (``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` set) rank r takes the rows
 with ``row_id % world_size == r``: disjoint, deterministic, balanced to one row, and computable
 while streaming (contiguous blocks would need the row count first). A gloo process group (CPU,
@@ -24,9 +29,10 @@ import queue
 import sys
 import threading
 import time
+from collections.abc import Generator, Iterable
 from dataclasses import dataclass, replace
 from datetime import timedelta
-from typing import IO
+from typing import IO, Any, TypeVar
 
 from logitcache.errors import ConfigError, WriterError
 from logitcache.format.targets import SampledTargets, TopKTargets
@@ -149,6 +155,60 @@ def drop_leading_rows(batch: RowBatch, sparse: SparseBatch, n: int) -> tuple[Row
 # -- background writer --------------------------------------------------------------------------
 
 _Item = tuple[RowBatch, SparseBatch] | None
+
+
+T = TypeVar("T")
+_DONE = object()
+
+
+class _Raised:
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+def read_ahead(items: Iterable[T], depth: int = 2) -> Generator[T, None, None]:
+    """``items`` in order, produced by a background thread up to ``depth`` ahead.
+
+    An exception in the producer is raised here, in order; closing or dropping the generator stops
+    the producer (it notices within 0.1 s) so no thread outlives the dump.
+    """
+    out: queue.Queue[Any] = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+
+    def produce() -> None:
+        item: Any = _DONE
+        try:
+            for x in items:
+                while not stop.is_set():
+                    try:
+                        out.put(x, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            item = _Raised(exc)
+        while not stop.is_set():
+            try:
+                out.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    thread = threading.Thread(target=produce, name="logitcache-reader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            x = out.get()
+            if x is _DONE:
+                return
+            if isinstance(x, _Raised):
+                raise x.exc
+            yield x
+    finally:
+        stop.set()
+        thread.join(timeout=5.0)
 
 
 class BackgroundWriter:

@@ -46,6 +46,7 @@ from logitcache._dump_pipeline import (
     drop_leading_rows,
     part_name,
     rank_info,
+    read_ahead,
 )
 from logitcache.errors import ConfigError
 from logitcache.format import SampledCodec, TopKCodec
@@ -278,8 +279,9 @@ def _run(
         background = BackgroundWriter(writer, config.queue_depth)
         computed = 0
         start = time.perf_counter()
+        batches = read_ahead(iter_batches(itertools.islice(rows, aligned, None), config.batch_size))
         try:
-            for batch in iter_batches(itertools.islice(rows, aligned, None), config.batch_size):
+            for batch in batches:
                 sparse = sparsify_batch(
                     teacher, batch.input_ids, batch.loss_mask, batch.row_ids, sparsify
                 )
@@ -293,6 +295,7 @@ def _run(
             background.abandon()
             raise
         finally:
+            batches.close()  # stops the reader thread, also when the loop failed
             progress.close()
         manifest = writer.commit()
     seconds = time.perf_counter() - start

@@ -12,7 +12,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,7 +26,7 @@ import torch
 from click.testing import CliRunner
 from conftest import TINY_CORPUS
 
-from logitcache._dump_pipeline import BackgroundWriter
+from logitcache._dump_pipeline import BackgroundWriter, read_ahead
 from logitcache.cli import cli
 from logitcache.errors import WriterError
 from logitcache.format.targets import SampledTargets, TopKTargets
@@ -462,3 +464,27 @@ def test_real_smollm2_teacher_on_real_text(tmp_path: Path, request: pytest.Fixtu
         got = ref.gather(1, torch.as_tensor(t.ids, dtype=torch.long))
         np.testing.assert_allclose(t.logprobs, got.numpy(), atol=1e-4)
         assert (got.min(1).values >= ref.topk(32, -1).values[:, -1] - 1e-5).all()
+
+
+def _reader_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "logitcache-reader"]
+
+
+def test_read_ahead_keeps_order_raises_in_order_and_stops() -> None:
+    assert list(read_ahead(iter(range(50)), depth=3)) == list(range(50))
+
+    def failing() -> Iterator[int]:
+        yield 1
+        yield 2
+        raise ValueError("row 3 is unreadable")
+
+    got = []
+    with pytest.raises(ValueError, match="row 3"):
+        for x in read_ahead(failing()):
+            got.append(x)
+    assert got == [1, 2]
+
+    gen = read_ahead(iter(range(10**9)), depth=2)  # endless: only close() can stop it
+    assert next(gen) == 0
+    gen.close()
+    assert not _reader_threads()
