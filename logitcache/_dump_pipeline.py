@@ -10,10 +10,11 @@ deterministic shard cuts (and so ``--resume``) rely on. An error in the thread i
 in the main thread at its next ``put`` or at ``close``; the main thread then leaves the
 ``CacheWriter`` block with that exception, which aborts the cache (no manifest).
 
-**Background reader.** Reading, tokenising and packing the next batch happen in another thread
-(:func:`read_ahead`) while the device runs the current one: on a GPU the teacher's forward would
-otherwise sit idle during tokenisation (fast tokenizers release the GIL). One producer and a FIFO
-queue keep the row order, so resume and rank splits are unchanged.
+**Background reader.** With an accelerator, reading, tokenising and packing the next batch happen
+in another thread (:func:`read_ahead`) while the device runs the current one: the device would
+otherwise sit idle during tokenisation (fast tokenizers release the GIL). A CPU teacher reads in
+the main thread, where a second thread would only compete for the same cores. One producer and a
+FIFO queue keep the row order, so resume and rank splits are unchanged.
 
 **Ranks.** Under ``torchrun`` (``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` set) rank r takes the rows
 with ``row_id % world_size == r``: disjoint, deterministic, balanced to one row, and computable

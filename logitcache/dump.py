@@ -279,7 +279,10 @@ def _run(
         background = BackgroundWriter(writer, config.queue_depth)
         computed = 0
         start = time.perf_counter()
-        batches = read_ahead(iter_batches(itertools.islice(rows, aligned, None), config.batch_size))
+        source = iter_batches(itertools.islice(rows, aligned, None), config.batch_size)
+        # on an accelerator the host is idle during the forward: tokenise the next batches then;
+        # on a CPU teacher a reader thread would only compete with the forward for the cores
+        batches = read_ahead(source) if teacher.device.type != "cpu" else (b for b in source)
         try:
             for batch in batches:
                 sparse = sparsify_batch(
