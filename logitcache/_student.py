@@ -137,10 +137,3 @@ def target_logits(model: nn.Module, batch: dict[str, Any]) -> Tensor:
     out = model(input_ids=batch["input_ids"])
     logits = out.logits
     return logits.flatten(0, 1).index_select(0, batch["target_index"])
-
-
-def target_hidden(model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, nn.Linear]:
-    """Final hidden states [N, H] at the target positions, and the lm_head, for the fused loss."""
-    base, head = decoder_and_head(model)
-    hidden = base(input_ids=batch["input_ids"]).last_hidden_state
-    return hidden.flatten(0, 1).index_select(0, batch["target_index"]), head

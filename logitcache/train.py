@@ -435,9 +435,7 @@ def _micro_loss(
             _, head = decoder_and_head(model)
             total, _ = fused_linear_kd_loss(hidden, head.weight, head.bias, teacher, labels, **kw)
         else:
-            logits = net(input_ids=batch["input_ids"]).logits
-            z = logits.flatten(0, 1).index_select(0, batch["target_index"])
-            total, _ = kd_loss(z, teacher, labels, **kw)
+            total, _ = kd_loss(target_logits(net, batch), teacher, labels, **kw)
     return total.float()
 
 
