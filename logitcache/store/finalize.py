@@ -16,7 +16,7 @@ from typing import Any
 from logitcache.errors import CacheIncompleteError, ConfigError, WriterError
 from logitcache.format.manifest import MANIFEST_NAME, Manifest
 from logitcache.store._fs import open_location
-from logitcache.store.header import PARTS_DIR, CoverageSum
+from logitcache.store.header import PARTS_DIR, WRITTEN_FIELDS, CoverageSum
 
 __all__ = ["finalize_cache"]
 
@@ -46,15 +46,8 @@ def finalize_cache(
     if not manifests:
         raise ConfigError("finalize needs at least one part")
     first = manifests[0].to_dict()
-    skip = {
-        "shards",
-        "coverage",
-        "num_rows",
-        "num_positions",
-        "num_bytes",
-        "created_at",
-        "content_digest",
-    }
+    # parts must also come from the same logitcache release, so created_by is compared
+    skip = WRITTEN_FIELDS - {"created_by"}
     for p, m in zip(parts, manifests, strict=True):
         d = m.to_dict()
         for key in first:

@@ -31,6 +31,7 @@ __all__ = [
     "DEFAULT_SHARD_BYTES",
     "PARTS_DIR",
     "PROGRESS_DIR",
+    "WRITTEN_FIELDS",
     "CacheHeader",
     "CoverageSum",
 ]
@@ -43,6 +44,21 @@ DEFAULT_SHARD_BYTES = 128 << 20
 # writer hides behind a GPU teacher; decoding speed does not depend on the level.
 # (scripts/bench_codec.py measures both.)
 DEFAULT_COMPRESSION_LEVEL = 15
+
+
+#: manifest fields that writing produces, as opposed to the header that writers of a cache share
+WRITTEN_FIELDS = frozenset(
+    {
+        "created_at",
+        "created_by",
+        "shards",
+        "coverage",
+        "num_rows",
+        "num_positions",
+        "num_bytes",
+        "content_digest",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -91,16 +107,7 @@ class CacheHeader:
     def fingerprint_dict(self) -> dict[str, Any]:
         """The fields two writers of one cache must agree on (timestamps excluded)."""
         d = self.manifest((), Coverage()).to_dict()
-        for k in (
-            "created_at",
-            "created_by",
-            "shards",
-            "coverage",
-            "num_rows",
-            "num_positions",
-            "num_bytes",
-            "content_digest",
-        ):
+        for k in WRITTEN_FIELDS:
             d.pop(k, None)
         return d
 

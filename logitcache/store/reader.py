@@ -365,7 +365,8 @@ class CacheReader:
     def targets_at(self, row_id: int, position: int) -> Targets | None:
         """The decoded target at (row id, position); None where the position has no target
         (its loss_mask is 0)."""
-        rows = self.read_rows(self.find(row_id), self.find(row_id) + 1)
+        index = self.find(row_id)
+        rows = self.read_rows(index, index + 1)
         s = self.manifest.seq_len
         if not 0 <= position < s:
             raise IndexError(f"position {position} out of range [0, {s})")
