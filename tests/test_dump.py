@@ -32,6 +32,8 @@ from logitcache.errors import WriterError
 from logitcache.format.targets import SampledTargets, TopKTargets
 from logitcache.inputs import InputOptions, iter_rows
 from logitcache.store import CacheReader
+from logitcache.store._fs import open_location
+from logitcache.store._lock import WriterLock
 
 TESTS = Path(__file__).parent
 REAL = 300  # len(tiny_tokenizer)
@@ -272,6 +274,12 @@ def test_ranks_without_rendezvous_then_finalize(
     monkeypatch.setenv("RANK", "0")
     result = run_cli("finalize", str(out), "--world-size", "3", ok=False)
     assert result.exit_code == 1 and "'rank00002' has not completed" in result.output
+    held = WriterLock(open_location(str(out)), "main")  # another finalize (or writer) is running
+    held.acquire()
+    result = run_cli("finalize", str(out), "--world-size", "2", ok=False)
+    assert result.exit_code == 1 and "lock" in result.output.lower()
+    assert not (out / "manifest.json").exists()
+    held.release()
     run_cli("finalize", str(out), "--world-size", "2")
     a, b = load_cache(reference_cache), load_cache(out)
     assert sorted(a) == sorted(b)

@@ -15,7 +15,8 @@ from typing import Any
 
 from logitcache.errors import CacheIncompleteError, ConfigError, WriterError
 from logitcache.format.manifest import MANIFEST_NAME, Manifest
-from logitcache.store._fs import open_location
+from logitcache.store._fs import Location, open_location
+from logitcache.store._lock import WriterLock
 from logitcache.store.header import PARTS_DIR, WRITTEN_FIELDS, CoverageSum
 
 __all__ = ["finalize_cache"]
@@ -26,9 +27,20 @@ def finalize_cache(
 ) -> Manifest:
     """Join the completion markers of ``parts`` (in that order) into one manifest, atomically.
 
-    Refuses when a part is missing (naming it) or when parts disagree on any header field.
+    Refuses when a part is missing (naming it) or when parts disagree on any header field. Holds
+    the cache's ``main`` writer lock meanwhile: two finalizes (or a finalize and a single-writer
+    dump) into one prefix cannot race.
     """
     loc = open_location(url, storage_options)
+    lock = WriterLock(loc, "main")
+    lock.acquire()
+    try:
+        return _finalize(loc, url, parts)
+    finally:
+        lock.release()
+
+
+def _finalize(loc: Location, url: str, parts: Sequence[str]) -> Manifest:
     if loc.exists(MANIFEST_NAME):
         raise WriterError(f"{url} is already finalized (manifest.json exists)")
     manifests: list[Manifest] = []
