@@ -33,6 +33,7 @@ from logitcache.errors import ConfigError, LogitCacheError
 
 __all__ = ["DemoConfig", "run_demo"]
 
+
 @dataclass(frozen=True)
 class DemoConfig:
     out: str = "demo-out"

@@ -46,24 +46,38 @@ def main(out: str) -> None:
             ids = np.argpartition(-lp, K, axis=1)[:, :K]
             top = np.take_along_axis(lp, ids, axis=1)
             tail = np.log1p(-np.exp(top).sum(axis=1))
-            t = TopKTargets(ids.astype(np.int32), top.astype(np.float32),
-                            tail.astype(np.float32), np.zeros((8 * SEQ, 0), np.float32))
+            t = TopKTargets(
+                ids.astype(np.int32),
+                top.astype(np.float32),
+                tail.astype(np.float32),
+                np.zeros((8 * SEQ, 0), np.float32),
+            )
             w.write(np.arange(b * 8, b * 8 + 8), rng.integers(0, VOCAB, (8, SEQ)), mask, t)
             dec = header.codec.decode(header.codec.encode(t))
             order = np.argsort(ids, axis=1)
             p = np.exp(np.take_along_axis(top, order, axis=1))
-            kl.append(float(np.mean((p * (np.log(p) - dec.logprobs)).sum(axis=1)
-                                    + np.exp(tail) * (tail - dec.tail_logprob))))
+            kl.append(
+                float(
+                    np.mean(
+                        (p * (np.log(p) - dec.logprobs)).sum(axis=1)
+                        + np.exp(tail) * (tail - dec.tail_logprob)
+                    )
+                )
+            )
     reader = CacheReader(out)
     m = reader.manifest
     rows = reader.read_rows(0, reader.num_rows)
     entries = m.num_positions * K
     print(f"wrote {m.num_rows} rows x {SEQ} tokens, top-{K} over vocab {VOCAB} into {out}")
-    print(f"{m.num_bytes:,} bytes: {m.num_bytes / entries:.3f} bytes/entry "
-          f"(naive int32 ids + float16 values: 6.0), {m.num_bytes / (m.num_rows * SEQ):.1f} "
-          "bytes/token")
-    print(f"quantisation KL (top-k + tail bucket): {np.mean(kl):.2e} nats/token; "
-          f"decoded {rows.targets.num_positions:,} positions")
+    print(
+        f"{m.num_bytes:,} bytes: {m.num_bytes / entries:.3f} bytes/entry "
+        f"(naive int32 ids + float16 values: 6.0), {m.num_bytes / (m.num_rows * SEQ):.1f} "
+        "bytes/token"
+    )
+    print(
+        f"quantisation KL (top-k + tail bucket): {np.mean(kl):.2e} nats/token; "
+        f"decoded {rows.targets.num_positions:,} positions"
+    )
     print(json.dumps({"bytes_per_entry": m.num_bytes / entries, "quant_kl": float(np.mean(kl))}))
 
 
