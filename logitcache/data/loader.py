@@ -31,6 +31,7 @@ from typing import Any
 import torch
 import torch.utils.data
 
+from logitcache.data._packing import prune_rings
 from logitcache.data.collate import PositionSelector, TargetOptions
 from logitcache.data.dataset import CachedLogitDataset, StreamingLogitDataset
 from logitcache.data.prefetch import Batch, DevicePrefetcher
@@ -209,6 +210,7 @@ class CachedLogitLoader:
             self._prefetcher.wait_seconds = 0.0
             self._prefetcher.close()
             self._prefetcher = None
+        prune_rings()  # the main process's mappings of exited workers' batch buffers
 
     def __del__(self) -> None:
         if getattr(self, "_prefetcher", None) is not None:

@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from logitcache.data._packing import materialize
 from logitcache.errors import ConfigError
 
 __all__ = ["Batch", "DequantizeFields", "DevicePrefetcher", "dequantize_table"]
@@ -106,9 +107,11 @@ def _to_device(batch: Batch, device: torch.device, non_blocking: bool) -> Batch:
         raise ConfigError(
             f"the prefetcher expects batches that are dicts, got {type(batch).__name__}"
         )
+    pin = non_blocking and device.type == "cuda"
+    out = {k: materialize(v, pin=pin) for k, v in batch.items()}  # a worker's ring slot: copy out
     return {
         k: v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v
-        for k, v in batch.items()
+        for k, v in out.items()
     }
 
 

@@ -15,6 +15,7 @@ it: a training loop with its own loss never loads ours.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import numpy as np
@@ -76,6 +77,7 @@ class TargetDequantizer:
         self._vocab = codec.vocab_size if isinstance(codec, TopKCodec | SampledCodec) else 0
         self._table_np = None if table is None else np.array(table, dtype=np.float32)
         self._on_device: dict[tuple[str, torch.device], torch.Tensor] = {}
+        self._pairs: tuple[np.ndarray, np.ndarray] | None = None
 
     def _table(self, device: torch.device, which: str = "log") -> tuple[np.ndarray, torch.Tensor]:
         host = self._table_np if which == "log" else self._probt_np
@@ -134,6 +136,31 @@ class TargetDequantizer:
             )
         return torch.from_numpy(ids)
 
+    def _pair_tables(
+        self, codes: np.ndarray, logt: np.ndarray, probt: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """Tables indexed by two adjacent uint8 codes read as one little-endian uint16.
+
+        ``(log pair [65536] float64 whose two float32 halves are (log q(a), log q(b)), prob pair
+        sum [65536] float32 q(a) + q(b))`` for a code pair ``a + 256 b``. numpy's gather costs per
+        index (the index array is widened to intp first), so one gather per two codes halves the
+        dequantisation on the CPU (768 KiB of tables: they stay in cache). None for codes that do
+        not pair up (uint16 codes, an odd k, a non-contiguous array).
+        """
+        if codes.dtype != np.uint8 or codes.ndim != 2 or codes.shape[1] % 2:
+            return None
+        if not codes.flags.c_contiguous or sys.byteorder != "little":
+            return None
+        if self._pairs is None:
+            pair = np.arange(1 << 16)
+            a, b = pair & 0xFF, pair >> 8
+            a, b = np.minimum(a, len(logt) - 1), np.minimum(b, len(logt) - 1)  # codes <= levels
+            log_pair = np.empty((1 << 16, 2), dtype=np.float32)
+            log_pair[:, 0], log_pair[:, 1] = logt[a], logt[b]
+            prob_pair = (probt[a] + probt[b]).astype(np.float32)
+            self._pairs = (log_pair.view(np.float64).reshape(-1), prob_pair)
+        return self._pairs
+
     def _decode_sqrt(
         self, codes: torch.Tensor, tail_codes: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,13 +179,19 @@ class TargetDequantizer:
                 f"value codes exceed levels={self._levels}: a shard's value arrays are damaged; "
                 "run `logitcache verify` and re-copy or re-dump the cache"
             )
+        pairs = self._pair_tables(c, logt_np, probt_np)
+        if pairs is None:
+            p, logq_np = np.take(probt_np, c), np.take(logt_np, c)
+        else:  # two codes per lookup: half the gathers (see _pair_tables)
+            c2 = c.view(np.uint16)
+            p = np.take(pairs[1], c2)
+            logq_np = np.take(pairs[0], c2).view(np.float32)
         # einsum sums the k probabilities ~4x faster than ndarray.sum(axis=1), and unlike a BLAS
         # matrix-vector product it starts no threads (which spin on a busy host)
-        z_np = np.einsum("ij->i", np.take(probt_np, c))
+        z_np = np.einsum("ij->i", p)
         z_np += np.take(probt_np, tc)
         with np.errstate(divide="ignore"):
             lognorm_np = np.log(z_np)
-        logq_np = np.take(logt_np, c)
         np.subtract(logq_np, lognorm_np[:, None], out=logq_np)
         tail_np = np.take(logt_np, tc)
         tail_np -= lognorm_np

@@ -20,7 +20,7 @@ from logitcache.data import (
     make_loader,
     teacher_targets,
 )
-from logitcache.data._packing import pack, unpack
+from logitcache.data._packing import materialize, pack, unpack
 from logitcache.errors import CacheCorruptError, ConfigError
 from logitcache.store import CacheReader
 
@@ -282,10 +282,26 @@ class SharedProbe(torch.utils.data.Dataset[bool]):
         return 2
 
     def __getitem__(self, i: int) -> bool:
-        return bool(pack({"x": np.arange(3 + i)})["packed"].is_shared())
+        return bool(materialize(pack({"x": np.arange(3 + i)})["packed"]).is_shared())
 
 
 def test_buffers_are_born_shared_in_workers_only() -> None:
     assert list(torch.utils.data.DataLoader(SharedProbe(), batch_size=None)) == [False, False]
     in_worker = torch.utils.data.DataLoader(SharedProbe(), batch_size=None, num_workers=1)
     assert list(in_worker) == [True, True]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("background", [False, True])
+def test_cuda_batches_from_workers_equal_the_cpu_decode(topk_url: str, background: bool) -> None:
+    """Worker ring buffers -> pin thread -> side-stream copy -> device dequantisation."""
+    gpu = make_loader(topk_url, 5, seed=2, num_workers=2, device="cuda", background=background)
+    cpu = make_loader(topk_url, 5, seed=2, num_workers=0, device="cpu")
+    for a, b in zip(gpu, cpu, strict=True):
+        assert a.keys() == b.keys()
+        for key, v in a.items():
+            if isinstance(v, torch.Tensor):
+                assert v.is_cuda
+                torch.testing.assert_close(v.cpu(), b[key], rtol=1e-6, atol=1e-6)
+            else:
+                assert v == b[key]
