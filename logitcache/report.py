@@ -135,7 +135,9 @@ def verify_cache(
     progress: Callable[[int, int], None] | None = None,
 ) -> VerifyReport:
     """Check every shard of a cache; raise a :class:`CacheCorruptError` naming the first bad one."""
-    reader = CacheReader(url, verify=True, max_cached_shards=1, storage_options=storage_options)
+    reader = CacheReader(
+        url, verify=True, max_cached_shards=1, storage_options=storage_options, reuse=False
+    )
     m = reader.manifest
     m.check_digest(where=url)
     seen: set[int] = set()

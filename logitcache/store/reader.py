@@ -55,6 +55,11 @@ LOCAL_CACHE_ENV = "LOGITCACHE_LOCAL_CACHE"
 LOCAL_CACHE_SIZE_ENV = "LOGITCACHE_LOCAL_CACHE_SIZE"
 DEFAULT_LOCAL_CACHE_SIZE = 50 << 30
 _REFETCHES = 2  # extra fetches of a remote file whose bytes fail their check
+# Verified files up to this size (a Zarr shard's metadata documents: 9 of its 16 objects) are kept
+# in memory by digest. Shards of equal row counts share them byte for byte, so on an object store
+# each distinct one is requested once instead of once per shard.
+_SMALL_FILE = 64 << 10
+_SMALL_FILES_MAX = 4096
 
 
 @dataclass(frozen=True, eq=False)
@@ -117,7 +122,10 @@ class CacheReader:
 
     ``local_cache``/``local_cache_size``: a directory keeping verified copies of remote shard
     files, and its bound (bytes, or ``"20G"``); default from ``$LOGITCACHE_LOCAL_CACHE`` and
-    ``$LOGITCACHE_LOCAL_CACHE_SIZE`` (50 GiB). Ignored for caches on local disk.
+    ``$LOGITCACHE_LOCAL_CACHE_SIZE`` (50 GiB). Ignored for caches on local disk. Remote files
+    under 64 KiB (a Zarr shard's metadata documents, equal across most shards) are also kept in
+    memory by sha256 and requested once. ``reuse=False`` turns both off: every file is read from
+    the store itself (``logitcache verify`` does this, so that no object goes unchecked).
     """
 
     def __init__(
@@ -129,13 +137,15 @@ class CacheReader:
         storage_options: Mapping[str, Any] | None = None,
         local_cache: str | os.PathLike[str] | None = None,
         local_cache_size: int | str | None = None,
+        reuse: bool = True,
     ) -> None:
         if max_cached_shards < 1:
             raise ConfigError(f"max_cached_shards must be >= 1, got {max_cached_shards}")
         self.loc = open_location(url, storage_options)
         self.url = url
         self.manifest = read_manifest(self.loc)
-        self.local_cache = _local_cache(self.loc, local_cache, local_cache_size)
+        self.local_cache = _local_cache(self.loc, local_cache, local_cache_size) if reuse else None
+        self._reuse_small = reuse and not self.loc.is_local
         self.codec = self.manifest.codec
         self.verify = verify
         self._backend = backend_for(self.manifest.backend, self.codec)
@@ -146,6 +156,7 @@ class CacheReader:
         self._cache: OrderedDict[int, tuple[ShardData, np.ndarray]] = OrderedDict()
         self._max_cached = max_cached_shards
         self._verified: set[int] = set()
+        self._small: dict[str, bytes] = {}  # sha256 -> bytes of small verified files
         self._lock = threading.Lock()
         self._row_index: dict[int, int] | None = None
 
@@ -171,9 +182,13 @@ class CacheReader:
         first: dict[str, bytes] = {}
         if not self.loc.is_local and len(rec.files) > 1:
             # a Zarr shard is a dozen objects: request them together, not one round trip each
-            need = [f.path for f in rec.files if not self._cached(f)]
+            need: dict[str, str] = {}  # one request per distinct small file (digest)
+            for f in rec.files:
+                if not self._cached(f) and not self._known(f):
+                    small = self._reuse_small and f.bytes <= _SMALL_FILE
+                    need.setdefault(f.sha256 if small else f.path, f.path)
             with contextlib.suppress(FileNotFoundError, StorageError):
-                first = self.loc.read_many(need) if need else {}
+                first = self.loc.read_many(list(need.values())) if need else {}
         for f in rec.files:
             out[f.path[len(rec.path) + 1 :] if f.path != rec.path else ""] = self.fetch_file(
                 rec, f, check, first.get(f.path)
@@ -183,12 +198,18 @@ class CacheReader:
     def _cached(self, f: FileRecord) -> bool:
         return self.local_cache is not None and self.local_cache.has(f.sha256)
 
+    def _known(self, f: FileRecord) -> bool:
+        return self._reuse_small and f.bytes <= _SMALL_FILE and f.sha256 in self._small
+
     def fetch_file(
         self, rec: ShardRecord, f: FileRecord, check: bool = True, first: bytes | None = None
     ) -> bytes:
         """One file, from the local cache if it holds it intact, else from the store (``first``:
         bytes already fetched, checked like any other); remote bytes are always verified, and
         fetched again (a few times) when they fail."""
+        small = self._small.get(f.sha256) if self._known(f) else None
+        if small is not None:  # verified when it was stored; equal digest, equal bytes
+            return small
         if self.local_cache is not None:
             hit = self.local_cache.get(f.sha256, f.bytes)
             if hit is not None:
@@ -213,6 +234,10 @@ class CacheReader:
                 continue
             if self.local_cache is not None:
                 self.local_cache.put(f.sha256, data)
+            if self._reuse_small and f.bytes <= _SMALL_FILE:  # remote: always verified
+                if len(self._small) >= _SMALL_FILES_MAX:
+                    self._small.clear()
+                self._small[f.sha256] = data
             return data
 
     @staticmethod

@@ -53,6 +53,10 @@ def rows_of(url: str, **kw: Any) -> dict[int, tuple[bytes, bytes]]:
     return out
 
 
+def cli_options(opts: dict[str, Any]) -> list[str]:
+    return [f"--storage-option={k}={json.dumps(v)}" for k, v in opts.items()]
+
+
 @pytest.fixture(scope="module")
 def local_arrow(tmp_path_factory: pytest.TempPathFactory) -> str:
     url = str(tmp_path_factory.mktemp("local") / "c")
@@ -113,6 +117,28 @@ def test_reader_retries_transient_faults_into_correct_rows(
     # verify=False still checks remote bytes: a flaky network never yields wrong targets
     assert rows_of(url, storage_options=opts, verify=False) == rows_of(local_cache)
     assert s3_proxy.faults[0].fired == 2
+
+
+def test_shared_small_files_are_requested_once_and_verify_reads_every_object(
+    bucket: str, s3_proxy: FaultProxy, local_cache: str
+) -> None:
+    opts = s3_options(s3_proxy.endpoint)
+    url = f"s3://{bucket}/c"
+    write_cache(url, header("zarr"), BATCHES, storage_options=opts)
+    shards = CacheReader(url, storage_options=opts).manifest.shards
+    meta = [f for s in shards for f in s.files if f.path.endswith("zarr.json")]
+    distinct = {f.sha256 for f in meta}
+    assert len(shards) > 2 and len(distinct) < len(meta)  # e.g. every targets/zarr.json
+    s3_proxy.clear()
+    assert rows_of(url, storage_options=opts) == rows_of(local_cache)
+    assert s3_proxy.count("GET", "zarr.json") == len(distinct)
+    # a damaged object whose digest another shard shares: readers never read it (they hold the
+    # verified bytes), `verify` reads every object and names it
+    shared = f"{shards[1].path}/targets/zarr.json"
+    s3_proxy.add(Fault("GET", shared, "corrupt", times=1000))
+    assert rows_of(url, storage_options=opts) == rows_of(local_cache)
+    result = CliRunner().invoke(cli, ["verify", url, *cli_options(opts)])
+    assert result.exit_code != 0 and "targets/zarr.json" in result.output
 
 
 def test_reader_refuses_persistently_bad_bytes(bucket: str, s3_proxy: FaultProxy) -> None:
@@ -219,8 +245,7 @@ def test_cp_verifies_resumes_and_keeps_the_digest(
     back = str(tmp_path / "back")  # and back down, through the CLI
     r = CliRunner().invoke(
         cli,
-        ["cp", dst, back, "--expect-digest", digest]
-        + [f"--storage-option={k}={json.dumps(v)}" for k, v in opts.items()],
+        ["cp", dst, back, "--expect-digest", digest, *cli_options(opts)],
     )
     assert r.exit_code == 0, r.output
     assert CacheReader(back).manifest.content_digest == digest
