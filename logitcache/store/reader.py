@@ -55,11 +55,12 @@ LOCAL_CACHE_ENV = "LOGITCACHE_LOCAL_CACHE"
 LOCAL_CACHE_SIZE_ENV = "LOGITCACHE_LOCAL_CACHE_SIZE"
 DEFAULT_LOCAL_CACHE_SIZE = 50 << 30
 _REFETCHES = 2  # extra fetches of a remote file whose bytes fail their check
-# Verified files up to this size (a Zarr shard's metadata documents: 9 of its 16 objects) are kept
-# in memory by digest. Shards of equal row counts share them byte for byte, so on an object store
-# each distinct one is requested once instead of once per shard.
-_SMALL_FILE = 64 << 10
-_SMALL_FILES_MAX = 4096
+# Verified remote files up to this size (a Zarr shard's metadata documents, ~1 KB: 9 of its 16
+# objects) are kept in memory by digest. Shards of equal row counts share them byte for byte, so
+# on an object store each distinct one is requested once instead of once per shard. Small files
+# that differ per shard (a tiny row_id array) pass through; the bound keeps them from piling up.
+_SMALL_FILE = 16 << 10
+_SMALL_FILES_BYTES = 16 << 20
 
 
 @dataclass(frozen=True, eq=False)
@@ -123,7 +124,7 @@ class CacheReader:
     ``local_cache``/``local_cache_size``: a directory keeping verified copies of remote shard
     files, and its bound (bytes, or ``"20G"``); default from ``$LOGITCACHE_LOCAL_CACHE`` and
     ``$LOGITCACHE_LOCAL_CACHE_SIZE`` (50 GiB). Ignored for caches on local disk. Remote files
-    under 64 KiB (a Zarr shard's metadata documents, equal across most shards) are also kept in
+    under 16 KiB (a Zarr shard's metadata documents, equal across most shards) are also kept in
     memory by sha256 and requested once. ``reuse=False`` turns both off: every file is read from
     the store itself (``logitcache verify`` does this, so that no object goes unchecked).
     """
@@ -157,6 +158,7 @@ class CacheReader:
         self._max_cached = max_cached_shards
         self._verified: set[int] = set()
         self._small: dict[str, bytes] = {}  # sha256 -> bytes of small verified files
+        self._small_bytes = 0
         self._lock = threading.Lock()
         self._row_index: dict[int, int] | None = None
 
@@ -235,9 +237,13 @@ class CacheReader:
             if self.local_cache is not None:
                 self.local_cache.put(f.sha256, data)
             if self._reuse_small and f.bytes <= _SMALL_FILE:  # remote: always verified
-                if len(self._small) >= _SMALL_FILES_MAX:
-                    self._small.clear()
-                self._small[f.sha256] = data
+                with self._lock:
+                    if self._small_bytes + len(data) > _SMALL_FILES_BYTES:
+                        self._small.clear()
+                        self._small_bytes = 0
+                    if f.sha256 not in self._small:
+                        self._small[f.sha256] = data
+                        self._small_bytes += len(data)
             return data
 
     @staticmethod
