@@ -292,6 +292,8 @@ def open_location(
         )
     if not text:
         raise ConfigError("cache location is empty: pass a directory or a URL like memory://name")
+    if text.startswith(("s3://", "s3a://")):
+        options = _s3_defaults(options)
     try:
         fs, root = fsspec.core.url_to_fs(text, **options)
     except (ValueError, ImportError) as e:
@@ -300,3 +302,21 @@ def open_location(
             "(file://, memory://, s3:// with the 's3' extra installed)"
         ) from e
     return Location(fs, root, text, retries=retries, backoff_s=backoff)
+
+
+def _s3_defaults(options: dict[str, Any]) -> dict[str, Any]:
+    """s3fs options with botocore's CRC32 check of every response body turned off (unless set).
+
+    Every file logitcache fetches is checked against the manifest's sha256 anyway, so the client's
+    own checksum only spent CPU (~10% of a cold shard read on a small machine). Uploads keep
+    their checksum: the server verifies those.
+    """
+    try:
+        from botocore.config import Config
+    except ImportError:
+        return options
+    if "response_checksum_validation" not in getattr(Config, "OPTION_DEFAULTS", {}):
+        return options  # an older botocore, which has no such check
+    config = dict(options.get("config_kwargs") or {})
+    config.setdefault("response_checksum_validation", "when_required")
+    return {**options, "config_kwargs": config}

@@ -136,10 +136,11 @@ def _read_fast(files: Mapping[str, bytes], name: str) -> np.ndarray | None:
         return out[: shape[0]]
     index_len = n_chunks * 16
     index = np.frombuffer(_CRC32C.decode(blob[len(blob) - index_len - 4 :]), "<u8")
+    view = memoryview(blob)  # chunk slices without copying them
     for i, (off, nbytes) in enumerate(index.reshape(n_chunks, 2).tolist()):
         if off == _EMPTY:
             continue
-        _ZSTD.decode(blob[off : off + nbytes], out=out[i * chunk[0] : (i + 1) * chunk[0]])
+        _ZSTD.decode(view[off : off + nbytes], out=out[i * chunk[0] : (i + 1) * chunk[0]])
     return out[: shape[0]]
 
 

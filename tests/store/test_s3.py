@@ -141,6 +141,20 @@ def test_shared_small_files_are_requested_once_and_verify_reads_every_object(
     assert result.exit_code != 0 and "targets/zarr.json" in result.output
 
 
+def test_s3_clients_skip_their_own_response_checksum_unless_asked(bucket: str) -> None:
+    """Every fetched file is sha256-checked against the manifest; botocore's CRC32 of each
+    response body would only repeat that, so it is off by default, and a user's choice wins."""
+    from logitcache.store._fs import open_location
+
+    assert _s3_config(open_location(f"s3://{bucket}/c", {"anon": True})) == "when_required"
+    mine = {"config_kwargs": {"response_checksum_validation": "when_supported"}}
+    assert _s3_config(open_location(f"s3://{bucket}/c", mine)) == "when_supported"
+
+
+def _s3_config(loc: Any) -> str:
+    return str(loc.fs.config_kwargs["response_checksum_validation"])
+
+
 def test_reader_refuses_persistently_bad_bytes(bucket: str, s3_proxy: FaultProxy) -> None:
     opts = s3_options(s3_proxy.endpoint)
     url = f"s3://{bucket}/c"
