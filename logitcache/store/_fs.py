@@ -312,7 +312,7 @@ def _s3_defaults(options: dict[str, Any]) -> dict[str, Any]:
     their checksum: the server verifies those.
     """
     try:
-        from botocore.config import Config
+        from botocore.config import Config  # type: ignore[import-untyped]
     except ImportError:
         return options
     if "response_checksum_validation" not in getattr(Config, "OPTION_DEFAULTS", {}):
