@@ -84,7 +84,8 @@ def info(cache: str, as_json: bool, storage_options: tuple[str, ...]) -> None:
 @_friendly_errors
 def verify(cache: str, storage_options: tuple[str, ...]) -> None:
     """Check every shard of CACHE: sizes and sha256 checksums, every target decodes, ids inside
-    the vocabulary, finite values. Exits non-zero naming the first bad shard."""
+    the vocabulary, finite values. Every object is read from the store itself (no local cache).
+    Exits non-zero naming the first bad shard."""
     from logitcache.report import verify_cache
 
     def progress(done: int, total: int) -> None:
