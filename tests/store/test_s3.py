@@ -36,6 +36,7 @@ from logitcache.errors import (
     WriterError,
 )
 from logitcache.store import CacheReader, CacheWriter, copy_cache, merge_caches
+from logitcache.store.reader import LOCAL_CACHE_ENV
 
 BATCHES = make_batches(3, 6, 4, 8, 4, 50)
 
@@ -213,7 +214,11 @@ def test_second_writer_is_refused_and_stale_locks_need_break_lock(
 
 
 def test_local_cache_serves_verified_entries_within_its_bound(
-    bucket: str, s3_proxy: FaultProxy, tmp_path: Path, local_cache: str
+    bucket: str,
+    s3_proxy: FaultProxy,
+    tmp_path: Path,
+    local_cache: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     opts = s3_options(s3_proxy.endpoint)
     url = f"s3://{bucket}/c"
@@ -235,6 +240,13 @@ def test_local_cache_serves_verified_entries_within_its_bound(
     assert rows_of(url, storage_options=opts, **small) == expected
     r = CacheReader(url, storage_options=opts, **small)
     assert r.local_cache is not None and 0 < r.local_cache.total_bytes() <= bound
+    # verify checks the store, not the local copies: a damaged object fails it even when the
+    # local cache holds good bytes for it
+    s3_proxy.add(Fault("GET", "/shards/00001", "corrupt", times=1000))
+    assert rows_of(url, storage_options=opts, local_cache=lc) == expected
+    monkeypatch.setenv(LOCAL_CACHE_ENV, str(lc))
+    result = CliRunner().invoke(cli, ["verify", url, *cli_options(opts)])
+    assert result.exit_code != 0 and "shards/00001" in result.output
 
 
 def test_cp_verifies_resumes_and_keeps_the_digest(
