@@ -246,7 +246,7 @@ def main() -> None:
         result["data_wait_fraction"] = frac
         result["train_step_seconds"] = step_s
         print(f"training loop: {step_s:.2f} s/step, data wait {100 * frac:.2f}% of step time")
-    print(json.dumps({k: round(v, 4) for k, v in result.items()}))
+    print(json.dumps({**{k: round(v, 4) for k, v in result.items()}, "device": args.device}))
 
 
 if __name__ == "__main__":
