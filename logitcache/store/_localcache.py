@@ -14,6 +14,10 @@ manifest records for each file (``ROOT/ab/abcdef...``), which gives three things
 The size bound is enforced after each insertion by deleting the least recently used entries
 (a hit refreshes an entry's mtime). Eviction scans the directory; entries are whole shard files
 (tens of MB), so there are few of them.
+
+:class:`SmallFileMemo` is the in-memory counterpart for small files: a Zarr shard's metadata
+documents (~1 KB, 9 of its 16 objects) are byte-identical across shards of equal row counts, so a
+reader keeps the verified ones by digest and requests each distinct one once.
 """
 
 from __future__ import annotations
@@ -22,12 +26,13 @@ import contextlib
 import hashlib
 import os
 import re
+import threading
 import uuid
 from pathlib import Path
 
 from logitcache.errors import ConfigError
 
-__all__ = ["LocalShardCache", "parse_size"]
+__all__ = ["LocalShardCache", "SmallFileMemo", "parse_size"]
 
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -134,3 +139,32 @@ class LocalShardCache:
                 continue
             p.unlink(missing_ok=True)
             total -= size
+
+
+class SmallFileMemo:
+    """Verified files of at most ``max_file`` bytes, by sha256, in memory (at most ``max_total``
+    bytes: cleared when full; small files that differ per shard pass through). Thread-safe."""
+
+    def __init__(self, max_file: int = 16 << 10, max_total: int = 16 << 20) -> None:
+        self.max_file, self.max_total = max_file, max_total
+        self._files: dict[str, bytes] = {}
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def fits(self, size: int) -> bool:
+        return size <= self.max_file
+
+    def get(self, sha256: str) -> bytes | None:
+        return self._files.get(sha256)
+
+    def put(self, sha256: str, data: bytes) -> None:
+        """Keep ``data``, which the caller has checked hashes to ``sha256``."""
+        if not self.fits(len(data)):
+            return
+        with self._lock:
+            if self._bytes + len(data) > self.max_total:
+                self._files.clear()
+                self._bytes = 0
+            if sha256 not in self._files:
+                self._files[sha256] = data
+                self._bytes += len(data)

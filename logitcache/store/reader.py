@@ -44,7 +44,7 @@ from logitcache.errors import (
 from logitcache.format.codec import TargetCodec, Targets
 from logitcache.format.manifest import MANIFEST_NAME, FileRecord, Manifest, ShardRecord
 from logitcache.store._fs import Location, open_location
-from logitcache.store._localcache import LocalShardCache, parse_size
+from logitcache.store._localcache import LocalShardCache, SmallFileMemo, parse_size
 from logitcache.store.backends import backend_for
 from logitcache.store.base import ShardData, concat_shards, row_position_offsets, slice_rows
 from logitcache.store.header import PARTS_DIR, PROGRESS_DIR
@@ -55,12 +55,6 @@ LOCAL_CACHE_ENV = "LOGITCACHE_LOCAL_CACHE"
 LOCAL_CACHE_SIZE_ENV = "LOGITCACHE_LOCAL_CACHE_SIZE"
 DEFAULT_LOCAL_CACHE_SIZE = 50 << 30
 _REFETCHES = 2  # extra fetches of a remote file whose bytes fail their check
-# Verified remote files up to this size (a Zarr shard's metadata documents, ~1 KB: 9 of its 16
-# objects) are kept in memory by digest. Shards of equal row counts share them byte for byte, so
-# on an object store each distinct one is requested once instead of once per shard. Small files
-# that differ per shard (a tiny row_id array) pass through; the bound keeps them from piling up.
-_SMALL_FILE = 16 << 10
-_SMALL_FILES_BYTES = 16 << 20
 
 
 @dataclass(frozen=True, eq=False)
@@ -146,7 +140,8 @@ class CacheReader:
         self.url = url
         self.manifest = read_manifest(self.loc)
         self.local_cache = _local_cache(self.loc, local_cache, local_cache_size) if reuse else None
-        self._reuse_small = reuse and not self.loc.is_local
+        # remote only: on a local disk a re-read is as cheap as a lookup
+        self._memo = SmallFileMemo() if reuse and not self.loc.is_local else None
         self.codec = self.manifest.codec
         self.verify = verify
         self._backend = backend_for(self.manifest.backend, self.codec)
@@ -157,8 +152,6 @@ class CacheReader:
         self._cache: OrderedDict[int, tuple[ShardData, np.ndarray]] = OrderedDict()
         self._max_cached = max_cached_shards
         self._verified: set[int] = set()
-        self._small: dict[str, bytes] = {}  # sha256 -> bytes of small verified files
-        self._small_bytes = 0
         self._lock = threading.Lock()
         self._row_index: dict[int, int] | None = None
 
@@ -186,8 +179,8 @@ class CacheReader:
             # a Zarr shard is a dozen objects: request them together, not one round trip each
             need: dict[str, str] = {}  # one request per distinct small file (digest)
             for f in rec.files:
-                if not self._cached(f) and not self._known(f):
-                    small = self._reuse_small and f.bytes <= _SMALL_FILE
+                if not self._cached(f) and self._memoized(f) is None:
+                    small = self._memo is not None and self._memo.fits(f.bytes)
                     need.setdefault(f.sha256 if small else f.path, f.path)
             with contextlib.suppress(FileNotFoundError, StorageError):
                 first = self.loc.read_many(list(need.values())) if need else {}
@@ -200,8 +193,8 @@ class CacheReader:
     def _cached(self, f: FileRecord) -> bool:
         return self.local_cache is not None and self.local_cache.has(f.sha256)
 
-    def _known(self, f: FileRecord) -> bool:
-        return self._reuse_small and f.bytes <= _SMALL_FILE and f.sha256 in self._small
+    def _memoized(self, f: FileRecord) -> bytes | None:
+        return None if self._memo is None else self._memo.get(f.sha256)
 
     def fetch_file(
         self, rec: ShardRecord, f: FileRecord, check: bool = True, first: bytes | None = None
@@ -209,7 +202,7 @@ class CacheReader:
         """One file, from the local cache if it holds it intact, else from the store (``first``:
         bytes already fetched, checked like any other); remote bytes are always verified, and
         fetched again (a few times) when they fail."""
-        small = self._small.get(f.sha256) if self._known(f) else None
+        small = self._memoized(f)
         if small is not None:  # verified when it was stored; equal digest, equal bytes
             return small
         if self.local_cache is not None:
@@ -236,14 +229,8 @@ class CacheReader:
                 continue
             if self.local_cache is not None:
                 self.local_cache.put(f.sha256, data)
-            if self._reuse_small and f.bytes <= _SMALL_FILE:  # remote: always verified
-                with self._lock:
-                    if self._small_bytes + len(data) > _SMALL_FILES_BYTES:
-                        self._small.clear()
-                        self._small_bytes = 0
-                    if f.sha256 not in self._small:
-                        self._small[f.sha256] = data
-                        self._small_bytes += len(data)
+            if self._memo is not None:  # remote bytes are always verified
+                self._memo.put(f.sha256, data)
             return data
 
     @staticmethod
