@@ -148,15 +148,14 @@ class _Ring:
         slot = int(free[0])
         flags[slot] = 1
         buffer = self.buffers[slot]
-        new = buffer is None or buffer.numel() < nbytes
-        if new:  # grown with headroom: batch sizes vary with the number of target positions
+        segment_once = None  # a new segment crosses to the consumer with this batch
+        if buffer is None or buffer.numel() < nbytes:  # with headroom: batch sizes vary
             storage = torch.UntypedStorage._new_shared(nbytes + nbytes // 4)
-            buffer = torch.empty(0, dtype=torch.uint8).set_(storage)
+            buffer = segment_once = torch.empty(0, dtype=torch.uint8).set_(storage)
             self.buffers[slot] = buffer
-        assert buffer is not None
         flags_once = None if self.announced else self.flags
         self.announced = True
-        return LentBuffer(self.key, slot, buffer[:nbytes], buffer if new else None, flags_once)
+        return LentBuffer(self.key, slot, buffer[:nbytes], segment_once, flags_once)
 
 
 _WORKER_RING: _Ring | None = None
@@ -250,22 +249,24 @@ class SharedBuffer:
         self._entry: _RingEntry | None = entry
         self._slot, self.nbytes = slot, nbytes
 
-    def _segment(self) -> torch.Tensor:
-        if self._entry is None:
+    def _segment(self) -> tuple[_RingEntry, torch.Tensor]:
+        """The ring entry and the slot's segment; raises once the buffer has been read."""
+        entry = self._entry
+        if entry is None:
             raise LoaderError("this shared batch buffer was already read (a batch is read once)")
-        segment = self._entry.segments.get(self._slot)
+        segment = entry.segments.get(self._slot)
         if segment is None:
             raise LoaderError(
                 f"a worker batch names ring slot {self._slot}, whose shared segment never reached "
                 "this process (a batch of that worker was lost in transit); restart the loader"
             )
-        return segment
+        return entry, segment
 
     def lease(self) -> torch.Tensor:
         """The batch bytes in place; the slot stays lent while any view of them is alive."""
-        owner = self._segment().numpy()  # a new array object: every view below keeps it alive
-        assert self._entry is not None  # _segment() checked it
-        weakref.finalize(owner, _release, self._entry, self._slot)
+        entry, segment = self._segment()
+        owner = segment.numpy()  # a new array object: every view below keeps it alive
+        weakref.finalize(owner, _release, entry, self._slot)
         self._entry = None  # the finalizer frees the slot now, not this object
         return torch.from_numpy(owner[: self.nbytes])
 
@@ -273,7 +274,7 @@ class SharedBuffer:
         """The batch bytes copied into this process's memory (pinned if ``pin``); frees the slot."""
         out = torch.empty(self.nbytes, dtype=torch.uint8, pin_memory=pin)
         # numpy's copy: torch's would wake its intra-op threads, which spin against the workers
-        np.copyto(out.numpy(), self._segment()[: self.nbytes].numpy())
+        np.copyto(out.numpy(), self._segment()[1][: self.nbytes].numpy())
         self.release()
         return out
 
