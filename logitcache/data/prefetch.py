@@ -108,7 +108,8 @@ def _to_device(batch: Batch, device: torch.device, non_blocking: bool) -> Batch:
             f"the prefetcher expects batches that are dicts, got {type(batch).__name__}"
         )
     pin = non_blocking and device.type == "cuda"
-    out = {k: materialize(v, pin=pin) for k, v in batch.items()}  # a worker's ring slot: copy out
+    # a worker ring slot: mapped in place on the CPU, copied into pinned memory for CUDA
+    out = {k: materialize(v, pin=pin) for k, v in batch.items()}
     return {
         k: v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v
         for k, v in out.items()
