@@ -9,8 +9,9 @@ the CLI stay fast):
 - training data: :func:`make_loader`, :func:`teacher_targets`, :class:`RowSampler`;
 - losses: :func:`kd_loss`, :func:`fused_linear_kd_loss`, :class:`SparseKDLoss`,
   :class:`FusedLinearKDLoss`, :class:`TopKTeacher`, :class:`SampledTeacher`;
-- the two stages as functions: :func:`dump` / :class:`DumpConfig`, :func:`train` /
-  :class:`TrainConfig`;
+- the two stages as functions: :func:`run_dump` / :class:`DumpConfig` (returns a
+  :class:`DumpResult`), :func:`run_train` / :class:`TrainConfig` (no exported name shadows a
+  subpackage, so ``logitcache.run_train`` stays callable after ``import logitcache.train``);
 - errors: :class:`LogitCacheError` and its subclasses in :mod:`logitcache.errors`.
 """
 
@@ -45,9 +46,10 @@ _LAZY = {
     "fused_linear_kd_loss": "logitcache.loss",
     "kd_loss": "logitcache.loss",
     "DumpConfig": "logitcache.dump",
-    "dump": "logitcache.dump",
+    "DumpResult": "logitcache.dump",
+    "run_dump": "logitcache.dump",
     "TrainConfig": "logitcache.train",
-    "train": "logitcache.train",
+    "run_train": "logitcache.train",
 }
 
 __all__ = ["LogitCacheError", "__version__", *sorted(_LAZY)]

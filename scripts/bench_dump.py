@@ -32,9 +32,10 @@ import numpy as np
 import torch
 
 from logitcache._smollm2 import smollm2_dir
-from logitcache.dump import DumpConfig, dump
-from logitcache.inputs import InputOptions, RowBatch, iter_batches, iter_rows
-from logitcache.teacher import SparsifyConfig, Teacher, load_teacher, sparsify_batch
+from logitcache.dump import DumpConfig, run_dump
+from logitcache.dump.inputs import InputOptions, RowBatch, iter_batches, iter_rows
+from logitcache.dump.sparsify import SparsifyConfig, sparsify_batch
+from logitcache.dump.teacher import Teacher, load_teacher
 
 
 def _sync(device: torch.device) -> None:
@@ -118,7 +119,7 @@ def main() -> None:
     for r in range(args.repeats):
         t_teacher.append(time_teacher(teacher, batches))
         t_sparsify.append(time_sparsify(teacher, batches, sparsify))
-        result = dump(config)
+        result = run_dump(config)
         t_dump.append(result.seconds)
         busy = result.writer_busy_seconds
         print(f"repeat {r}: teacher {t_teacher[-1]:.2f} s, sparsify {t_sparsify[-1]:.2f} s, "

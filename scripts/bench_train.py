@@ -68,9 +68,9 @@ from transformers.utils import logging as hf_logging
 
 from logitcache.data import make_loader
 from logitcache.data.targets import teacher_targets
-from logitcache.dump import DumpConfig, dump
+from logitcache.dump import DumpConfig, run_dump
 from logitcache.loss import kd_loss
-from logitcache.train import TrainConfig, train
+from logitcache.train import TrainConfig, run_train
 
 HELD_OUT = 0.1
 
@@ -148,7 +148,7 @@ class Run:
     """A student, its optimizer and schedule: what ``logitcache train`` builds (fp32, no DDP)."""
 
     def __init__(self, student_dir: Path, cfg: TrainConfig, device: torch.device) -> None:
-        from logitcache.train import _schedule
+        from logitcache.train.run import _schedule
 
         self.model = LlamaForCausalLM.from_pretrained(student_dir, dtype=torch.float32).to(device)
         self.model.train()
@@ -279,7 +279,7 @@ def main() -> None:
 
     cache = str(work / "cache")
     warnings.filterwarnings("ignore", message="no tokenizer loaded")
-    res = dump(
+    res = run_dump(
         DumpConfig(
             teacher=str(work / "teacher"),
             data=str(work / "tokens.npy"),
@@ -316,7 +316,7 @@ def main() -> None:
     loader_kw: dict[str, Any] = dict(
         seed=cfg.seed, order=cfg.order, device=device, rank=0, world_size=1
     )
-    check = train(cfg)["losses"]
+    check = run_train(cfg)["losses"]
 
     def cache_batches() -> Any:
         loader = make_loader(cache, args.batch_size, split=("train", HELD_OUT), **loader_kw)

@@ -25,8 +25,8 @@ library's fused loss; the hard-label arm through the same call with ``alpha=1``.
 Evaluation is done here, identically for every arm, on the held-out text: the teacher's full
 softmax and the student's give the **full-vocabulary** KL(teacher || student) (not the cache's
 coarsened KL), the cross-entropy of the true next token, top-1 agreement and the ECE of the
-student's top-1 against the true token (``logitcache.evaluate.MetricSums``, fed a teacher whose
-"top-k" is the whole vocabulary, which makes its ``kl`` the exact full KL).
+student's top-1 against the true token (``logitcache.train.evaluate.MetricSums``, fed a teacher
+whose "top-k" is the whole vocabulary, which makes its ``kl`` the exact full KL).
 
 A seed sets both the student's initialisation and the order of the rows (the spread over seeds
 covers both). Wall time per arm is the training time of one run; the online arm's includes its
@@ -57,12 +57,12 @@ from torch import Tensor, nn
 from logitcache._smollm2 import INSTALL_HINT, smollm2_dir
 from logitcache.data import make_loader
 from logitcache.data.targets import teacher_targets
-from logitcache.dump import DumpConfig, dump
-from logitcache.evaluate import MetricSums
-from logitcache.inputs import InputOptions, iter_batches, iter_rows
+from logitcache.dump import DumpConfig, run_dump
+from logitcache.dump.inputs import InputOptions, iter_batches, iter_rows
+from logitcache.dump.teacher import Teacher, load_teacher
 from logitcache.loss import TopKTeacher, fused_linear_kd_loss
 from logitcache.report import cache_info
-from logitcache.teacher import Teacher, load_teacher
+from logitcache.train.evaluate import MetricSums
 
 _CHARS_PER_TOKEN = 4  # Python documentation prose, SmolLM2 tokenizer (measured ~4.0)
 ARMS = ("hard", "topk12-renorm", "topk12-tail", "topk64-tail", "sampled", "online-kd")
@@ -127,7 +127,7 @@ def make_cache(teacher: Path, data: Path, out: Path, args: argparse.Namespace, *
         progress=False,
         **kw,
     )
-    res = dump(cfg)
+    res = run_dump(cfg)
     info = cache_info(str(out))
     info["dump_s"] = res.seconds
     return info

@@ -47,7 +47,7 @@ def test_example_command_gives_valid_config(path: Path, monkeypatch: pytest.Monk
         seen.append(cfg)
         return {"steps": 0}
 
-    monkeypatch.setattr(logitcache.train, "train", fake_train)
+    monkeypatch.setattr(logitcache.train, "run_train", fake_train)
     monkeypatch.chdir(ROOT)  # the commands are written to run from the repository root
     args = command_of(path)
     assert f"examples/{path.name}" in args
@@ -66,7 +66,7 @@ def test_example_command_gives_valid_config(path: Path, monkeypatch: pytest.Monk
 
 def test_cli_flag_beats_example_file(monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[TrainConfig] = []
-    monkeypatch.setattr(logitcache.train, "train", lambda cfg: seen.append(cfg) or {})
+    monkeypatch.setattr(logitcache.train, "run_train", lambda cfg: seen.append(cfg) or {})
     monkeypatch.chdir(ROOT)
     args = ["train", "--config", "examples/train_small.yaml", "--max-steps", "5"]
     r = CliRunner().invoke(cli, args)

@@ -62,13 +62,13 @@ from __future__ import annotations
 import hashlib
 import itertools
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from typing import Any
 
 import numpy as np
-import torch.distributed as dist
 import torch.utils.data
 
+from logitcache._distributed import current_rank_world
 from logitcache.errors import ConfigError, LoaderError
 
 __all__ = ["ORDERS", "ORDER_VERSION", "SPLITS", "RowBatch", "RowSampler", "split_mask"]
@@ -156,18 +156,6 @@ def _check_int(name: str, value: object, minimum: int) -> int:
     return int(value)
 
 
-def _default_rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
-    if world_size is None:
-        world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    if rank is None:
-        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    world_size = _check_int("world_size", world_size, 1)
-    rank = _check_int("rank", rank, 0)
-    if rank >= world_size:
-        raise ConfigError(f"rank must be in [0, world_size={world_size}), got {rank}")
-    return rank, world_size
-
-
 class RowSampler:
     """Deterministic, resumable, rank- and worker-split order over a cache's rows.
 
@@ -202,7 +190,7 @@ class RowSampler:
         self.order = order
         self.seed = _check_int("seed", seed, 0)
         self.window_shards = _check_int("window_shards", window_shards, 1)
-        self.rank, self.world_size = _default_rank_world(rank, world_size)
+        self.rank, self.world_size = astuple(current_rank_world(rank, world_size))
         self.drop_last = bool(drop_last)
         self.epoch = 0
         self.consumed_rows = 0

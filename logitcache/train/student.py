@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from logitcache.errors import ConfigError
-from logitcache.fingerprint import tokenizer_fingerprint
+from logitcache.format.fingerprint import tokenizer_fingerprint
 from logitcache.format.manifest import Manifest
 
 __all__ = ["Student", "check_compatible", "load_student"]

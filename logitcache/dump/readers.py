@@ -1,4 +1,4 @@
-"""Record readers behind :mod:`logitcache.inputs`: find the files, pick the column, stream values.
+"""Record readers behind :mod:`logitcache.dump.inputs`: find files, pick the column, stream values.
 
 One reader per container, each a generator that holds one record (or one batch of a parquet/arrow
 file, or one chunk of a flat token file) at a time. What a value *is* (text, chat messages, token

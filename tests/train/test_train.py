@@ -19,7 +19,7 @@ from logitcache.cli import cli
 from logitcache.errors import CacheIncompleteError, ConfigError
 from logitcache.format import SourceInfo, TargetsInfo, TopKCodec, TopKTargets
 from logitcache.store import CacheHeader, CacheWriter
-from logitcache.train import TrainConfig, train
+from logitcache.train import TrainConfig, run_train
 
 VOCAB, SEQ, K = 96, 16, 16
 
@@ -114,7 +114,7 @@ PINNED = [1.12699, 1.09165, 1.00216, 1.10974, 1.15546]
 
 
 def test_pinned_loss_curve(cache: Path, student_dir: Path, tmp_path: Path) -> None:
-    s = train(cfg(cache, tmp_path / "o", student_dir, max_steps=5))
+    s = run_train(cfg(cache, tmp_path / "o", student_dir, max_steps=5))
     assert s["losses"] == pytest.approx(PINNED, rel=1e-4)
     assert (tmp_path / "o" / "final" / "config.json").exists()
     lines = [json.loads(x) for x in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
@@ -122,10 +122,10 @@ def test_pinned_loss_curve(cache: Path, student_dir: Path, tmp_path: Path) -> No
 
 
 def test_resume_is_bit_exact(cache: Path, student_dir: Path, tmp_path: Path) -> None:
-    straight = train(cfg(cache, tmp_path / "a", student_dir, save_every=5))
-    first = train(cfg(cache, tmp_path / "b", student_dir, save_every=5, stop_after=5))
+    straight = run_train(cfg(cache, tmp_path / "a", student_dir, save_every=5))
+    first = run_train(cfg(cache, tmp_path / "b", student_dir, save_every=5, stop_after=5))
     assert first["steps"] == 5
-    second = train(cfg(cache, tmp_path / "b", student_dir, save_every=5, resume=True))
+    second = run_train(cfg(cache, tmp_path / "b", student_dir, save_every=5, resume=True))
     assert first["losses"] + second["losses"] == straight["losses"]  # bit for bit
     from safetensors.torch import load_file
 
@@ -135,17 +135,17 @@ def test_resume_is_bit_exact(cache: Path, student_dir: Path, tmp_path: Path) -> 
 
 
 def test_resume_refuses_another_run(cache: Path, student_dir: Path, tmp_path: Path) -> None:
-    train(cfg(cache, tmp_path / "o", student_dir, max_steps=2))
+    run_train(cfg(cache, tmp_path / "o", student_dir, max_steps=2))
     with pytest.raises(ConfigError, match=r"different run \(lr was 0\.003"):
-        train(cfg(cache, tmp_path / "o", student_dir, max_steps=2, lr=1e-3, resume=True))
+        run_train(cfg(cache, tmp_path / "o", student_dir, max_steps=2, lr=1e-3, resume=True))
 
 
 def test_distillation_beats_hard_labels(
     cache: Path, student_dir: Path, tmp_path: Path, teacher: LlamaForCausalLM
 ) -> None:
     kw = dict(max_steps=30, eval_fraction=0.25, batch_size=8, lr=5e-3)
-    kd = train(cfg(cache, tmp_path / "kd", student_dir, **kw))
-    hard = train(cfg(cache, tmp_path / "hard", student_dir, alpha=1.0, **kw))
+    kd = run_train(cfg(cache, tmp_path / "kd", student_dir, **kw))
+    hard = run_train(cfg(cache, tmp_path / "hard", student_dir, alpha=1.0, **kw))
     assert kd["eval"]["kl"] < 0.8 * hard["eval"]["kl"], (kd["eval"], hard["eval"])
     assert kd["eval"]["top1_agreement"] > hard["eval"]["top1_agreement"]
     for m in (kd["eval"], hard["eval"]):
@@ -153,8 +153,8 @@ def test_distillation_beats_hard_labels(
 
 
 def test_fused_matches_plain(cache: Path, student_dir: Path, tmp_path: Path) -> None:
-    plain = train(cfg(cache, tmp_path / "p", student_dir, max_steps=3))
-    fused = train(cfg(cache, tmp_path / "f", student_dir, max_steps=3, fused=True))
+    plain = run_train(cfg(cache, tmp_path / "p", student_dir, max_steps=3))
+    fused = run_train(cfg(cache, tmp_path / "f", student_dir, max_steps=3, fused=True))
     assert fused["losses"] == pytest.approx(plain["losses"], rel=1e-4)
 
 
@@ -162,23 +162,23 @@ def test_refusals(cache: Path, student_dir: Path, tmp_path: Path) -> None:
     small = tmp_path / "small"
     llama(1, vocab=64).save_pretrained(small)
     with pytest.raises(ConfigError, match=r"dumped with vocab 96 .* has 64 outputs"):
-        train(cfg(cache, tmp_path / "o", small))
+        run_train(cfg(cache, tmp_path / "o", small))
     short = tmp_path / "short"
     m = llama(1)
     m.config.max_position_embeddings = 8
     m.save_pretrained(short)
     with pytest.raises(ConfigError, match=r"seq_len 16 but the student .* context of 8"):
-        train(cfg(cache, tmp_path / "o", short))
+        run_train(cfg(cache, tmp_path / "o", short))
     (tmp_path / "incomplete" / "shards").mkdir(parents=True)
     with pytest.raises(CacheIncompleteError):
-        train(cfg(tmp_path / "incomplete", tmp_path / "o", student_dir))
+        run_train(cfg(tmp_path / "incomplete", tmp_path / "o", student_dir))
     with pytest.raises(ConfigError) as e:
-        train(cfg(cache, tmp_path / "o", student_dir, batch_size=0, lr=-1.0, loss="nope"))
+        run_train(cfg(cache, tmp_path / "o", student_dir, batch_size=0, lr=-1.0, loss="nope"))
     assert "batch_size must be >= 1" in str(e.value) and "lr must be > 0" in str(e.value)
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(ConfigError, match="not writable"):
-        train(cfg(cache, blocker / "out", student_dir))
+        run_train(cfg(cache, blocker / "out", student_dir))
 
 
 def test_cli_with_config_file(cache: Path, student_dir: Path, tmp_path: Path) -> None:
@@ -228,7 +228,7 @@ def test_cli_with_config_file(cache: Path, student_dir: Path, tmp_path: Path) ->
 
 
 def test_torchrun_two_ranks_equal_single(cache: Path, student_dir: Path, tmp_path: Path) -> None:
-    single = train(cfg(cache, tmp_path / "one", student_dir, max_steps=4, batch_size=4))
+    single = run_train(cfg(cache, tmp_path / "one", student_dir, max_steps=4, batch_size=4))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [
         sys.executable,

@@ -29,7 +29,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import astuple, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -37,23 +37,24 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from logitcache._checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from logitcache._student import (
+from logitcache._distributed import init_process_group, resolve_device
+from logitcache.data import make_loader
+from logitcache.data.targets import teacher_targets
+from logitcache.errors import ConfigError
+from logitcache.loss import LOSS_NAMES, KDConfig, fused_linear_kd_loss, kd_loss
+from logitcache.store import CacheReader
+from logitcache.store.reader import LOCAL_CACHE_ENV, LOCAL_CACHE_SIZE_ENV
+from logitcache.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from logitcache.train.evaluate import evaluate
+from logitcache.train.student import (
     Student,
     check_compatible,
     decoder_and_head,
     load_student,
     target_logits,
 )
-from logitcache.data import make_loader
-from logitcache.data.targets import teacher_targets
-from logitcache.errors import ConfigError
-from logitcache.evaluate import evaluate
-from logitcache.loss import LOSS_NAMES, KDConfig, fused_linear_kd_loss, kd_loss
-from logitcache.store import CacheReader
-from logitcache.store.reader import LOCAL_CACHE_ENV, LOCAL_CACHE_SIZE_ENV
 
-__all__ = ["TrainConfig", "train"]
+__all__ = ["TrainConfig", "run_train"]
 
 
 @dataclass(frozen=True)
@@ -170,26 +171,6 @@ class TrainConfig:
 # -- set-up ---------------------------------------------------------------------------------
 
 
-def _init_distributed(device_kind: str) -> tuple[int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device_kind == "cuda" else "gloo")
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        return torch.device("cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError as e:
-        raise ConfigError(f"device {name!r}: {e}") from e
-
-
 def _check_out_dir(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -239,13 +220,13 @@ def _batches(loader: Any) -> Iterator[dict[str, Any]]:
 # -- the loop --------------------------------------------------------------------------------
 
 
-def train(cfg: TrainConfig) -> dict[str, Any]:
+def run_train(cfg: TrainConfig) -> dict[str, Any]:
     """Run training; returns the final summary (also written to ``OUT/summary.json``)."""
     problems = cfg.problems()
     if problems:
         raise ConfigError("invalid training config:\n  - " + "\n  - ".join(problems))
-    device = _device(cfg.device)
-    rank, world = _init_distributed(device.type)
+    device = resolve_device(cfg.device)
+    rank, world = astuple(init_process_group(device))
     out = Path(cfg.out)
     if rank == 0:
         _check_out_dir(out)

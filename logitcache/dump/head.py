@@ -1,4 +1,4 @@
-"""Helpers behind :mod:`logitcache.teacher`: devices, dtypes, weight hashes, the split-off head.
+"""The teacher's output head: the model's own logits, or the head split off for chunking.
 
 The head is split off by convention (``get_decoder()`` gives final hidden states,
 ``get_output_embeddings()`` the projection) and then *checked*: a probe compares the split path with
@@ -8,9 +8,7 @@ time (and handled by falling back to full logits) instead of silently changing t
 
 from __future__ import annotations
 
-import hashlib
 import inspect
-import os
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -18,60 +16,6 @@ from typing import Any
 import torch
 
 from logitcache.errors import ConfigError
-
-_DTYPES = {
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "half": torch.float16,
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "float": torch.float32,
-}
-
-
-def resolve_device(device: str) -> torch.device:
-    """auto: ``cuda:$LOCAL_RANK`` (torchrun) or ``cuda`` when available, else cpu."""
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        return torch.device("cpu")
-    try:
-        return torch.device(device)
-    except RuntimeError as e:
-        raise ConfigError(f"unknown device {device!r}: {e}") from e
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """auto: bf16 on cuda, fp32 elsewhere (bf16 matmuls on CPU are slow and no more exact)."""
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if dtype not in _DTYPES:
-        raise ConfigError(f"unknown dtype {dtype!r}; expected auto, bf16, fp16 or fp32")
-    return _DTYPES[dtype]
-
-
-def hash_files(paths: list[str]) -> str:
-    """sha256 over (file name, size, content) of each file, in the given (sorted) order."""
-    h = hashlib.sha256()
-    for path in paths:
-        h.update(b"\0file\0" + os.path.basename(path).encode())
-        h.update(str(os.path.getsize(path)).encode())
-        with open(path, "rb") as f:
-            while block := f.read(1 << 22):
-                h.update(block)
-    return h.hexdigest()
-
-
-def hash_state_dict(model: torch.nn.Module) -> str:
-    """sha256 over (name, dtype, shape, bytes) of every state_dict tensor, sorted by name."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().reshape(-1).contiguous().cpu()
-        h.update(f"\0{name}\0{t.dtype}\0{tuple(tensor.shape)}\0".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def forward_logits(

@@ -54,8 +54,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from logitcache._chat import render_chat
-from logitcache._input_readers import (
+from logitcache.dump.chat import render_chat
+from logitcache.dump.readers import (
     CONTAINERS,
     DocKind,
     InputSource,
@@ -63,7 +63,7 @@ from logitcache._input_readers import (
     tokenizer_vocab_size,
 )
 from logitcache.errors import ConfigError, InputError
-from logitcache.fingerprint import tokenizer_fingerprint
+from logitcache.format.fingerprint import tokenizer_fingerprint
 
 __all__ = [
     "InputOptions",

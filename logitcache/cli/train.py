@@ -14,9 +14,10 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
+from logitcache.cli._common import friendly_errors, parse_storage_options, storage_option
 from logitcache.errors import ConfigError
 
-__all__ = ["train_command"]
+__all__ = ["train"]
 
 
 def _read_config(path: str) -> dict[str, Any]:
@@ -171,20 +172,14 @@ def _options(fn: Any) -> Any:
 
 @click.command("train")
 @_options
-@click.option(
-    "--storage-option",
-    "storage_options",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="fsspec option for the cache's filesystem (repeatable).",
-)
+@storage_option
 @click.pass_context
-def train_command(
+@friendly_errors
+def train(
     ctx: click.Context, config_file: str | None, storage_options: tuple[str, ...], **flags: Any
 ) -> None:
     """Train a student from a cache alone (single device, or DDP under torchrun)."""
-    from logitcache.cli import parse_storage_options
-    from logitcache.train import TrainConfig, train
+    from logitcache.train import TrainConfig, run_train
 
     settings: dict[str, Any] = _read_config(config_file) if config_file else {}
     for name, value in flags.items():
@@ -197,5 +192,5 @@ def train_command(
     missing = [k for k in ("cache", "out") if not settings.get(k)]
     if missing:
         raise ConfigError(f"missing required setting(s): {', '.join('--' + m for m in missing)}")
-    summary = train(TrainConfig.from_mapping(settings))
+    summary = run_train(TrainConfig.from_mapping(settings))
     click.echo(json.dumps({k: v for k, v in summary.items() if k != "losses"}))

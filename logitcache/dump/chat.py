@@ -1,4 +1,4 @@
-"""Chat conversations to token ids plus an assistant-token mask (see :mod:`logitcache.inputs`).
+"""Chat conversations to token ids plus an assistant-token mask (see :mod:`logitcache.dump.inputs`).
 
 Two ways to find the assistant tokens, best first:
 

@@ -13,14 +13,9 @@ import pytest
 import torch
 from conftest import TINY_PADDED_VOCAB, build_tiny_llama
 
+from logitcache.dump.sparsify import SparsifyConfig, sparsify_batch
+from logitcache.dump.teacher import Teacher, load_teacher, teacher_from_model
 from logitcache.errors import ConfigError, NonFiniteLogitsError, TeacherError
-from logitcache.teacher import (
-    SparsifyConfig,
-    Teacher,
-    load_teacher,
-    sparsify_batch,
-    teacher_from_model,
-)
 
 REAL = 300  # len(tiny_tokenizer); the model pads its output layer to TINY_PADDED_VOCAB
 TEMPS = (0.5, 2.0)

@@ -26,16 +26,16 @@ import torch
 from click.testing import CliRunner
 from conftest import TINY_CORPUS
 
-from logitcache._dump_pipeline import BackgroundWriter, read_ahead
 from logitcache.cli import cli
+from logitcache.dump.inputs import InputOptions, iter_rows
+from logitcache.dump.pipeline import BackgroundWriter, read_ahead
 from logitcache.errors import WriterError
 from logitcache.format.targets import SampledTargets, TopKTargets
-from logitcache.inputs import InputOptions, iter_rows
 from logitcache.store import CacheReader
 from logitcache.store._fs import open_location
 from logitcache.store._lock import WriterLock
 
-TESTS = Path(__file__).parent
+TESTS = Path(__file__).resolve().parents[1]  # tests/: dump_factories and conftest live there
 REAL = 300  # len(tiny_tokenizer)
 SEQ = 32
 K = 8
@@ -418,7 +418,7 @@ class _FailingWriter:
 
 
 def test_background_writer_raises_thread_errors_in_main_thread() -> None:
-    from logitcache.inputs import RowBatch
+    from logitcache.dump.inputs import RowBatch
 
     stats = SimpleNamespace(captured_mass=None, entropy=None)
     item = (RowBatch(np.zeros(1), np.zeros((1, 2)), np.zeros((1, 2))),

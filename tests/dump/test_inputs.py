@@ -15,14 +15,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from logitcache.errors import ConfigError, InputError, InputNotFoundError
-from logitcache.inputs import (
+from logitcache.dump.inputs import (
     InputOptions,
     dataset_fingerprint,
     iter_batches,
     iter_rows,
     tokenizer_fingerprint,
 )
+from logitcache.errors import ConfigError, InputError, InputNotFoundError
 
 DOCS = ["The quick brown fox jumps over the lazy dog.", "Hello world!", "", "A teacher model."]
 CHATS = [
@@ -223,7 +223,7 @@ def test_tokenizer_fingerprint_stable_across_processes(
 ) -> None:
     fp = tokenizer_fingerprint(tiny_tokenizer)
     code = (
-        "from transformers import AutoTokenizer; from logitcache.inputs import "
+        "from transformers import AutoTokenizer; from logitcache.dump.inputs import "
         f"tokenizer_fingerprint; print(tokenizer_fingerprint(AutoTokenizer.from_pretrained("
         f"{str(tiny_teacher_dir)!r})))"
     )

@@ -25,88 +25,32 @@ also on GPU nodes: it only carries barriers) synchronises the start (after rank 
 
 from __future__ import annotations
 
-import os
 import queue
 import sys
 import threading
 import time
 from collections.abc import Generator, Iterable
-from dataclasses import dataclass, replace
-from datetime import timedelta
+from dataclasses import replace
 from typing import IO, Any, TypeVar
 
+from logitcache._distributed import RankInfo
+from logitcache.dump.inputs import RowBatch
+from logitcache.dump.sparsify import CoverageStats, SparseBatch
 from logitcache.errors import ConfigError, WriterError
 from logitcache.format.targets import SampledTargets, TopKTargets
-from logitcache.inputs import RowBatch
 from logitcache.store import CacheWriter
-from logitcache.teacher import CoverageStats, SparseBatch
-
-# Ranks wait for the slowest one at the end; a dead rank is torchrun's business (it stops the
-# others), so this only bounds a hang nobody noticed.
-BARRIER_TIMEOUT = timedelta(hours=24)
-
 
 # -- ranks ------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class RankInfo:
-    """This process's place in a torchrun job (rank 0 of 1 when not under torchrun)."""
-
-    rank: int = 0
-    world_size: int = 1
-
-    @property
-    def part(self) -> str | None:
-        """The writer part name of this rank, or None when it writes the manifest itself."""
-        return part_name(self.rank) if self.world_size > 1 else None
-
-
 def part_name(rank: int) -> str:
+    """The writer part of ``rank`` in a multi-rank dump (rank 0 of 1 writes no part)."""
     return f"rank{rank:05d}"
 
 
-def rank_info() -> RankInfo:
-    """Read ``RANK`` and ``WORLD_SIZE`` (set by torchrun); absent means a single process."""
-    try:
-        rank = int(os.environ.get("RANK", "0"))
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError as e:
-        raise ConfigError(f"RANK and WORLD_SIZE must be integers: {e}") from e
-    if world < 1 or not 0 <= rank < world:
-        raise ConfigError(f"need 0 <= RANK < WORLD_SIZE, got RANK={rank} WORLD_SIZE={world}")
-    return RankInfo(rank, world)
-
-
-class RankGroup:
-    """Barriers between the ranks of a torchrun job; a no-op for a single process.
-
-    Without torchrun's rendezvous variables (``MASTER_ADDR``) the ranks cannot meet: each
-    writes its part, and ``logitcache finalize`` joins them later.
-    """
-
-    def __init__(self, info: RankInfo) -> None:
-        self.info = info
-        self.active = False
-        if info.world_size > 1 and "MASTER_ADDR" in os.environ:
-            import torch.distributed as dist
-
-            if not dist.is_initialized():
-                dist.init_process_group("gloo", timeout=BARRIER_TIMEOUT)
-                self.active = True
-
-    def barrier(self) -> None:
-        if self.active:
-            import torch.distributed as dist
-
-            dist.barrier()
-
-    def close(self) -> None:
-        if self.active:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
-            self.active = False
+def rank_part(info: RankInfo) -> str | None:
+    """This rank's part name, or None when it writes the manifest itself (a single process)."""
+    return part_name(info.rank) if info.world_size > 1 else None
 
 
 # -- resume alignment ---------------------------------------------------------------------------

@@ -26,7 +26,7 @@ the forward, so every batch is the one an uninterrupted run computed: for a dete
 
 **Memory.** Host: one batch being computed, at most ``queue_depth`` waiting, one shard being
 buffered (``shard_bytes``); nothing grows with the dataset. Device: the teacher, its activations
-for one batch, and the chunked head (``chunk_bytes``; see :mod:`logitcache.teacher`).
+for one batch, and the chunked head (``chunk_bytes``; see :mod:`logitcache.dump.teacher`).
 """
 
 from __future__ import annotations
@@ -38,21 +38,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from logitcache._dump_pipeline import (
-    BackgroundWriter,
-    Progress,
-    RankGroup,
-    RankInfo,
-    drop_leading_rows,
-    part_name,
-    rank_info,
-    read_ahead,
-)
-from logitcache.errors import ConfigError
-from logitcache.format import SampledCodec, TopKCodec
-from logitcache.format.codec import TargetCodec
-from logitcache.format.manifest import Backend, Manifest, SourceInfo, TargetsInfo
-from logitcache.inputs import (
+from logitcache._distributed import RankGroup, RankInfo, rank_info
+from logitcache.dump.inputs import (
     InputOptions,
     Row,
     dataset_fingerprint,
@@ -60,11 +47,24 @@ from logitcache.inputs import (
     iter_rows,
     tokenizer_fingerprint,
 )
+from logitcache.dump.pipeline import (
+    BackgroundWriter,
+    Progress,
+    drop_leading_rows,
+    part_name,
+    rank_part,
+    read_ahead,
+)
+from logitcache.dump.sparsify import SparsifyConfig, sparsify_batch
+from logitcache.dump.teacher import Teacher, load_teacher
+from logitcache.errors import ConfigError
+from logitcache.format import SampledCodec, TopKCodec
+from logitcache.format.codec import TargetCodec
+from logitcache.format.manifest import Backend, Manifest, SourceInfo, TargetsInfo
 from logitcache.store import CacheHeader, CacheWriter, check_output, finalize_cache
 from logitcache.store.header import DEFAULT_COMPRESSION_LEVEL, DEFAULT_SHARD_BYTES
-from logitcache.teacher import SparsifyConfig, Teacher, load_teacher, sparsify_batch
 
-__all__ = ["DumpConfig", "DumpResult", "dump", "finalize_dump"]
+__all__ = ["DumpConfig", "DumpResult", "finalize_dump", "run_dump"]
 
 _DUMP_RECIPE = 1  # bump when the dump changes what it stores for the same options
 
@@ -180,14 +180,14 @@ class DumpResult:
         return "\n".join(lines)
 
 
-def dump(config: DumpConfig) -> DumpResult:
+def run_dump(config: DumpConfig) -> DumpResult:
     """Run the teacher over the data and write the cache (this rank's share under torchrun)."""
     info = rank_info()
     check_output(
         config.out,
         overwrite=config.overwrite,
         resume=config.resume,
-        part=info.part,
+        part=rank_part(info),
         storage_options=config.storage_options,
         break_lock=config.break_lock,
     )
@@ -264,7 +264,7 @@ def _run(
         shard_bytes=config.shard_bytes,
         overwrite=config.overwrite and info.world_size == 1,
         resume=config.resume,
-        part=info.part,
+        part=rank_part(info),
         storage_options=config.storage_options,
         break_lock=config.break_lock,
     )

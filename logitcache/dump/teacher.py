@@ -1,0 +1,241 @@
+"""Load a teacher: its model on the device, its tokenizer, its identity and vocabulary sizes.
+
+Teachers: a local Hugging Face directory (``AutoModelForCausalLM``; with ``teacher_file="X.gguf"``
+the GGUF file in it, through transformers' GGUF loader), or ``"module.path:factory"``, a callable
+returning ``(model, tokenizer_or_None)``. :class:`TeacherIdentity` (name, revision when known,
+sha256 of the weight files, or of the state_dict tensors for a factory) goes into the manifest.
+
+**Padded vocabulary.** Models often pad their output layer (152064 rows for a 151936-token
+tokenizer). The real vocabulary is ``len(tokenizer)`` (or ``real_vocab_size``); the padded rows are
+sliced off the output projection before the matmul, so padded ids are never candidates *and* are
+not in the normaliser: log-probs are normalised over the real vocabulary, the distribution the
+teacher actually defines over tokens that exist (padded logits are arbitrary, often not -inf).
+
+The output head is split off and probed at load time (:mod:`logitcache.dump.head`); the
+sparsify step (:mod:`logitcache.dump.sparsify`) then applies it chunk by chunk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import os
+import re
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import torch
+
+from logitcache._distributed import resolve_device
+from logitcache.dump.head import SplitHead, forward_logits, split_head
+from logitcache.errors import ConfigError, TeacherError
+
+__all__ = ["Teacher", "TeacherIdentity", "load_teacher", "resolve_dtype", "teacher_from_model"]
+
+_WEIGHT_EXTS = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+_FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+_DTYPES = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "float": torch.float32,
+}
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """auto: bf16 on cuda, fp32 elsewhere (bf16 matmuls on CPU are slow and no more exact)."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in _DTYPES:
+        raise ConfigError(f"unknown dtype {dtype!r}; expected auto, bf16, fp16 or fp32")
+    return _DTYPES[dtype]
+
+
+def hash_files(paths: list[str]) -> str:
+    """sha256 over (file name, size, content) of each file, in the given (sorted) order."""
+    h = hashlib.sha256()
+    for path in paths:
+        h.update(b"\0file\0" + os.path.basename(path).encode())
+        h.update(str(os.path.getsize(path)).encode())
+        with open(path, "rb") as f:
+            while block := f.read(1 << 22):
+                h.update(block)
+    return h.hexdigest()
+
+
+def hash_state_dict(model: torch.nn.Module) -> str:
+    """sha256 over (name, dtype, shape, bytes) of every state_dict tensor, sorted by name."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().reshape(-1).contiguous().cpu()
+        h.update(f"\0{name}\0{t.dtype}\0{tuple(tensor.shape)}\0".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class TeacherIdentity:
+    """Who the teacher is, for the manifest and for refusing a resume with another teacher."""
+
+    name: str
+    revision: str | None
+    weights_sha256: str | None
+    source: Literal["hf", "gguf", "factory", "model"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(eq=False)
+class Teacher:
+    """A loaded teacher: model on ``device``, optional tokenizer, vocab sizes, and its head."""
+
+    model: torch.nn.Module
+    tokenizer: Any | None
+    identity: TeacherIdentity
+    padded_vocab_size: int
+    real_vocab_size: int
+    device: torch.device
+    max_seq_len: int | None
+    head: SplitHead | None  # None: full-logits fallback
+
+
+def load_teacher(
+    spec: str,
+    *,
+    teacher_file: str | None = None,
+    tokenizer: str | None = None,
+    dtype: str = "auto",
+    device: str = "auto",
+    real_vocab_size: int | None = None,
+    hash_weights: bool = True,
+) -> Teacher:
+    """Load a teacher from a HF directory (optionally its GGUF ``teacher_file``) or a factory.
+
+    ``dtype``: auto (bf16 on cuda, fp32 on cpu) | bf16 | fp16 | fp32. ``device``: auto (cuda,
+    ``cuda:$LOCAL_RANK`` under torchrun, else cpu) or a torch device string. ``tokenizer``
+    overrides where the tokenizer is loaded from.
+    """
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    if os.path.isdir(spec):
+        return _load_hf(spec, teacher_file, tokenizer, dt, dev, real_vocab_size, hash_weights)
+    if _FACTORY.match(spec):
+        model, tok = _call_factory(spec)
+        if tokenizer is not None:
+            tok = _load_tokenizer(tokenizer, None)
+        if dtype != "auto":
+            model = model.to(dtype=dt)
+        digest = hash_state_dict(model) if hash_weights else None
+        ident = TeacherIdentity(spec, None, digest, "factory")
+        return teacher_from_model(model, tok, ident, device=dev, real_vocab_size=real_vocab_size)
+    raise TeacherError(
+        f"teacher {spec!r} is neither a directory nor a 'module.path:factory' spec; give a local "
+        "Hugging Face model directory or a factory returning (model, tokenizer)"
+    )
+
+
+def _load_hf(
+    path: str,
+    teacher_file: str | None,
+    tokenizer: str | None,
+    dt: torch.dtype,
+    dev: torch.device,
+    real_vocab_size: int | None,
+    hash_weights: bool,
+) -> Teacher:
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"dtype": dt}
+    files = sorted(f for f in os.listdir(path) if f.endswith(_WEIGHT_EXTS))
+    if teacher_file is not None:
+        if not os.path.isfile(os.path.join(path, teacher_file)):
+            raise TeacherError(f"teacher file {teacher_file!r} not found in {path}; found {files}")
+        kwargs["gguf_file"] = teacher_file
+        files = [teacher_file]
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, ImportError) as e:
+        raise TeacherError(f"cannot load the teacher from {path}: {e}") from e
+    tok = _load_tokenizer(tokenizer or path, None if tokenizer else teacher_file)
+    real = os.path.realpath(path)
+    snap = re.search(r"models--([^/]+)--([^/]+)/snapshots/([0-9a-f]{40})", real)
+    name = f"{snap.group(1)}/{snap.group(2)}" if snap else os.path.basename(real)
+    revision = snap.group(3) if snap else getattr(model.config, "_commit_hash", None)
+    digest = hash_files([os.path.join(path, f) for f in files]) if hash_weights else None
+    ident = TeacherIdentity(name, revision, digest, "gguf" if teacher_file else "hf")
+    return teacher_from_model(model, tok, ident, device=dev, real_vocab_size=real_vocab_size)
+
+
+def _load_tokenizer(path: str, gguf_file: str | None) -> Any | None:
+    from transformers import AutoTokenizer
+
+    try:
+        if gguf_file:
+            return AutoTokenizer.from_pretrained(path, gguf_file=gguf_file)
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        warnings.warn(
+            f"no tokenizer loaded from {path} ({e}); only token-id inputs will work", stacklevel=3
+        )
+        return None
+
+
+def _call_factory(spec: str) -> tuple[torch.nn.Module, Any | None]:
+    module_name, attr = spec.split(":", 1)
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as e:
+        raise TeacherError(
+            f"cannot import {module_name!r} for teacher factory {spec!r}: {e}"
+        ) from e
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise TeacherError(f"{module_name!r} has no attribute {attr!r} (teacher {spec!r})")
+        obj = getattr(obj, part)
+    result = obj()
+    if not (isinstance(result, tuple) and len(result) == 2):
+        raise TeacherError(f"teacher factory {spec!r} must return (model, tokenizer_or_None)")
+    if not isinstance(result[0], torch.nn.Module):
+        raise TeacherError(
+            f"teacher factory {spec!r} returned {type(result[0]).__name__}, not a torch.nn.Module"
+        )
+    return result[0], result[1]
+
+
+def teacher_from_model(
+    model: torch.nn.Module,
+    tokenizer: Any | None,
+    identity: TeacherIdentity | None = None,
+    *,
+    device: torch.device | str | None = None,
+    real_vocab_size: int | None = None,
+) -> Teacher:
+    """Wrap an in-memory model (moved to ``device``), probe its head, settle the vocab sizes."""
+    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    model = model.to(dev).eval()
+    if identity is None:
+        identity = TeacherIdentity(type(model).__name__, None, hash_state_dict(model), "model")
+    config = getattr(model, "config", None)
+    max_len = getattr(config, "max_position_embeddings", None)
+    probe = torch.arange(min(8, max_len or 8), device=dev, dtype=torch.long)[None, :]
+    with torch.no_grad():
+        reference = forward_logits(model, probe, None)
+    padded = int(reference.shape[-1])
+    real = real_vocab_size or (len(tokenizer) if tokenizer is not None else padded)
+    if real > padded:
+        if real_vocab_size is not None:
+            raise ConfigError(f"real_vocab_size {real} exceeds the model's output size {padded}")
+        warnings.warn(
+            f"the tokenizer has {real} tokens but the model outputs {padded} logits; "
+            f"ids >= {padded} can never be predicted, using {padded}",
+            stacklevel=2,
+        )
+        real = padded
+    head = split_head(model, real, probe, reference)
+    return Teacher(model, tokenizer, identity, padded, real, dev, max_len, head)
