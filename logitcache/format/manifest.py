@@ -134,8 +134,11 @@ class TargetsInfo:
     counts). values: always "logprob": teacher log-probs normalised over the real vocabulary.
     temperature: the temperature the values were computed at; always 1.0 (never pre-applied).
     tail: "bucket" when the log mass outside the stored ids is stored per position (top-k);
-    "none" for sampled targets. temperatures: extra temperatures whose per-position
-    log-normaliser ``log sum_v p_v^(1/T)`` is stored, making losses at those T exact.
+    "none" for sampled targets; "unknown" for top-k values imported from a source that did not
+    keep the tail (raw logits, renormalised values): stored renormalised over the k ids with a
+    ``-inf`` tail, and refused by the tail-bucket losses. temperatures: extra temperatures whose
+    per-position log-normaliser ``log sum_v p_v^(1/T)`` is stored, making losses at those T
+    exact.
     """
 
     method: Method
@@ -143,7 +146,7 @@ class TargetsInfo:
     samples: int | None = None
     values: Literal["logprob"] = "logprob"
     temperature: float = 1.0
-    tail: Literal["bucket", "none"] = "bucket"
+    tail: Literal["bucket", "none", "unknown"] = "bucket"
     temperatures: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
@@ -160,7 +163,9 @@ class TargetsInfo:
             )
         _need(self.values == "logprob", "targets.values", f"must be 'logprob', got {self.values!r}")
         _need(self.temperature == 1.0, "targets.temperature", "values are stored at T=1 only")
-        _need(self.tail in ("bucket", "none"), "targets.tail", f"unknown {self.tail!r}")
+        _need(
+            self.tail in ("bucket", "none", "unknown"), "targets.tail", f"unknown {self.tail!r}"
+        )
         for t in self.temperatures:
             _need(
                 isinstance(t, (int, float)) and math.isfinite(t) and t > 0,
