@@ -33,7 +33,7 @@ import json
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
 
 from logitcache.errors import FormatVersionError, ManifestError, UnsafePathError
@@ -163,9 +163,7 @@ class TargetsInfo:
             )
         _need(self.values == "logprob", "targets.values", f"must be 'logprob', got {self.values!r}")
         _need(self.temperature == 1.0, "targets.temperature", "values are stored at T=1 only")
-        _need(
-            self.tail in ("bucket", "none", "unknown"), "targets.tail", f"unknown {self.tail!r}"
-        )
+        _need(self.tail in ("bucket", "none", "unknown"), "targets.tail", f"unknown {self.tail!r}")
         for t in self.temperatures:
             _need(
                 isinstance(t, (int, float)) and math.isfinite(t) and t > 0,
@@ -336,11 +334,12 @@ class Manifest:
     extra: Mapping[str, Any] = field(default_factory=dict)
     format: str = FORMAT_NAME
     format_version: str = FORMAT_VERSION
-    # set when read from JSON: the digest computed from the raw text, and the one it stores
-    # (None for 1.0 caches); fresh manifests compute theirs on demand. A ``replace()`` that
-    # changes content must reset both to None.
-    read_digest: str | None = field(default=None, compare=False, repr=False)
-    stored_digest: str | None = field(default=None, compare=False, repr=False)
+    # set only by from_dict: the digest computed from the raw text, and the one it stores (None
+    # for 1.0 caches). Not constructor arguments (init=False), so ``derive``/``replace`` can
+    # never carry them over to a manifest with other content: a derived manifest computes its
+    # digest afresh.
+    read_digest: str | None = field(default=None, init=False, compare=False, repr=False)
+    stored_digest: str | None = field(default=None, init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         _need(
@@ -364,15 +363,21 @@ class Manifest:
             "codec.vocab_size",
             f"{codec_vocab} differs from vocab_size {self.vocab_size}",
         )
-        _need(
-            self.codec.name == self.targets.method,
-            "codec.name",
-            f"{self.codec.name!r} does not match targets.method {self.targets.method!r}",
-        )
+        _check_codec_agrees(self.targets, self.codec)
         seen: set[str] = set()
         for s in self.shards:
             _need(s.path not in seen, "shards", f"shard {s.path!r} listed twice")
             seen.add(s.path)
+
+    def derive(self, **changes: Any) -> Manifest:
+        """A new manifest: this one with ``changes`` applied, validated like any other.
+
+        The one way to make a manifest from another (finalize, merge, transforms). What belongs
+        to the JSON this one was read from does not carry over: the derived manifest computes
+        its content digest afresh and is written at the current ``format_version`` (unless
+        ``changes`` names one)."""
+        changes.setdefault("format_version", FORMAT_VERSION)
+        return replace(self, **changes)
 
     @property
     def num_rows(self) -> int:
@@ -478,9 +483,9 @@ class Manifest:
             created_at=d.get("created_at", ""),
             extra=d.get("extra", {}),
             format_version=version,
-            read_digest=content_digest(d),
-            stored_digest=d.get("content_digest"),
         )
+        object.__setattr__(m, "read_digest", content_digest(d))
+        object.__setattr__(m, "stored_digest", d.get("content_digest"))
         for key in ("num_rows", "num_positions"):
             if key in d:
                 _need(
@@ -499,6 +504,33 @@ class Manifest:
                 f"{where} is not valid JSON ({e}); the cache is damaged: re-copy or re-dump it"
             ) from e
         return cls.from_dict(d)
+
+
+def _check_codec_agrees(targets: TargetsInfo, codec: TargetCodec) -> None:
+    """``targets`` restates a few of the codec's parameters for readers of the JSON; they must
+    be the codec's (a manifest edited by hand or by a faulty tool is refused, naming both)."""
+    _need(
+        codec.name == targets.method,
+        "codec.name",
+        f"{codec.name!r} does not match targets.method {targets.method!r}",
+    )
+    pairs: list[tuple[str, int | None, str]] = [
+        ("targets.temperatures", len(targets.temperatures), "num_temperatures")
+    ]
+    if targets.method == "topk":
+        pairs.append(("targets.k", targets.k, "k"))
+    else:
+        pairs.append(("targets.samples", targets.samples, "n"))
+    for where, ours, attr in pairs:
+        theirs = getattr(codec, attr, None)
+        if theirs is not None and ours != theirs:
+            what = "holds" if where.endswith("temperatures") else "is"
+            count = " values" if where.endswith("temperatures") else ""
+            raise ManifestError(
+                f"manifest field {where} {what} {ours}{count} but codec.{attr} is {theirs}; the "
+                "two must agree (the manifest was edited or written by a faulty tool): re-copy "
+                "or re-dump the cache"
+            )
 
 
 def shard_name(index: int, prefix: str, backend: Backend) -> str:

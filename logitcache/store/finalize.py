@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
 from typing import Any
 
 from logitcache.errors import CacheIncompleteError, ConfigError, WriterError
@@ -68,8 +67,6 @@ def _finalize(loc: Location, url: str, parts: Sequence[str]) -> Manifest:
                     f"cannot finalize {url}: part {p!r} differs from part {parts[0]!r} in {key}"
                 )
     shards = tuple(s for m in manifests for s in m.shards)
-    manifest = replace(
-        manifests[0], shards=shards, coverage=cov.coverage(), read_digest=None, stored_digest=None
-    )
+    manifest = manifests[0].derive(shards=shards, coverage=cov.coverage())
     loc.write_atomic(MANIFEST_NAME, manifest.to_json().encode())
     return manifest

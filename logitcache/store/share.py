@@ -31,7 +31,6 @@ import numpy as np
 
 from logitcache.errors import ConfigError, WriterError
 from logitcache.format.manifest import (
-    FORMAT_VERSION,
     MANIFEST_NAME,
     Coverage,
     FileRecord,
@@ -210,8 +209,7 @@ def merge_caches(
                     progress(len(shards), total)
         first = manifests[0]
         fingerprints = [m.dataset.fingerprint or m.content_digest for m in manifests]
-        manifest = replace(
-            first,
+        manifest = first.derive(
             shards=tuple(shards),
             coverage=_coverage(manifests),
             dataset=SourceInfo(
@@ -226,9 +224,6 @@ def merge_caches(
                 ]
             },
             created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            format_version=FORMAT_VERSION,
-            read_digest=None,
-            stored_digest=None,
         )
         lock.check()
         dst.write_atomic(MANIFEST_NAME, manifest.to_json().encode())
