@@ -12,6 +12,7 @@ the CLI stay fast):
 - the two stages as functions: :func:`run_dump` / :class:`DumpConfig` (returns a
   :class:`DumpResult`), :func:`run_train` / :class:`TrainConfig` (no exported name shadows a
   subpackage, so ``logitcache.run_train`` stays callable after ``import logitcache.train``);
+- other tools' layouts: :func:`import_cache` / :class:`ImportConfig`, :func:`export_cache`;
 - errors: :class:`LogitCacheError` and its subclasses in :mod:`logitcache.errors`.
 """
 
@@ -48,6 +49,9 @@ _LAZY = {
     "DumpConfig": "logitcache.dump",
     "DumpResult": "logitcache.dump",
     "run_dump": "logitcache.dump",
+    "ImportConfig": "logitcache.transform.importer",
+    "import_cache": "logitcache.transform.importer",
+    "export_cache": "logitcache.transform.exporter",
     "TrainConfig": "logitcache.train",
     "run_train": "logitcache.train",
 }

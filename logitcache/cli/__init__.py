@@ -1,5 +1,6 @@
 """The ``logitcache`` command line. Thin: each command parses options and calls one library
-function; one module per family (:mod:`.dump`, :mod:`.train`, :mod:`.cache`, :mod:`.demo`), the
+function; one module per family (:mod:`.dump`, :mod:`.train`, :mod:`.cache`, :mod:`.transform`,
+:mod:`.demo`), the
 shared options and the error wrapper in :mod:`._common`.
 """
 
@@ -12,6 +13,7 @@ from logitcache.cli.cache import cp, finalize, info, merge, verify
 from logitcache.cli.demo import demo
 from logitcache.cli.dump import dump
 from logitcache.cli.train import train
+from logitcache.cli.transform import export_command, import_command
 
 __all__ = ["cli", "main"]
 
@@ -23,7 +25,9 @@ def cli() -> None:
     students from them."""
 
 
-for _command in (dump, train, info, verify, finalize, cp, merge, demo):
+for _command in (
+    dump, train, info, verify, finalize, cp, merge, import_command, export_command, demo
+):
     cli.add_command(_command)
 
 

@@ -232,6 +232,7 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
+@pytest.mark.dist
 def test_two_rank_torchrun_equals_one_rank(
     tmp_path: Path, tiny_teacher_dir: Path, text_data: Path, reference_cache: Path
 ) -> None:
@@ -292,6 +293,7 @@ def _shard_files(url: Path) -> list[tuple[str, int, str]]:
     ]
 
 
+@pytest.mark.dist
 def test_sigkill_then_resume_equals_uninterrupted(
     tmp_path: Path, tiny_teacher_dir: Path, text_data: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -1,0 +1,125 @@
+"""``logitcache import`` and ``logitcache export``: caches from and to other tools' layouts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from logitcache.cli._common import friendly_errors, parse_storage_options, storage_option
+from logitcache.transform.layouts import LAYOUTS, Layout
+
+__all__ = ["export_command", "import_command"]
+
+_LAYOUT_HELP = "; ".join(f"{name}: {layout.description}" for name, layout in LAYOUTS.items())
+
+
+@click.command("import")
+@click.argument("source")
+@click.option("--out", required=True, help="Cache directory or fsspec URL to write.")
+@click.option(
+    "--layout",
+    type=click.Choice(sorted(LAYOUTS)),
+    default="plain",
+    show_default=True,
+    help=f"Column preset. {_LAYOUT_HELP}.",
+)
+@click.option("--input-ids-column", help="Override the preset's input ids column.")
+@click.option("--ids-column", help="Column of per-position top-k ids (with --values-column).")
+@click.option("--values-column", help="Column of per-position top-k values.")
+@click.option("--pairs-column", help="Column of per-position [ids, values] pairs.")
+@click.option("--records-column", help="Column of per-position {token, logprob} records.")
+@click.option("--loss-mask-column", help="Column of per-position 0/1 (or [k] 0/1) masks.")
+@click.option("--tail-column", help="Column of per-position tail log-probs (exact tail).")
+@click.option(
+    "--values",
+    "value_kind",
+    type=click.Choice(["logprob", "prob", "logit"]),
+    help="What the values are (overrides the preset).",
+)
+@click.option(
+    "--normalized/--renormalized",
+    default=None,
+    help="Values normalised over the whole vocabulary (tail = 1 - sum; the preset's default), or "
+    "renormalised over the stored ids (tail unknown).",
+)
+@click.option("--tokenizer", help="The teacher's tokenizer (directory): vocabulary + fingerprint.")
+@click.option("--vocab-size", type=int, help="Teacher vocabulary size, without --tokenizer.")
+@click.option("--teacher", default="unknown", show_default=True, help="Teacher name to record.")
+@click.option("--seq-len", type=int, help="Tokens per row (default: longest of the first batch).")
+@click.option("--k", type=int, help="Entries kept per position (default: widest of the first).")
+@click.option("--input-format", type=click.Choice(["parquet", "arrow", "jsonl"]))
+@click.option("--skip-bad-rows", is_flag=True, help="Count and skip bad rows instead of failing.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted import into --out.")
+@click.option("--overwrite", is_flag=True, help="Replace the cache at --out.")
+@storage_option
+@friendly_errors
+def import_command(source: str, out: str, layout: str, **opts: Any) -> None:
+    """Import SOURCE (Parquet, Arrow IPC or JSONL files, a directory, or an fsspec URL) holding
+    per-position top-k teacher ids and values into a new cache at --out."""
+    from dataclasses import replace
+
+    from logitcache.transform.importer import ImportConfig, import_cache
+
+    base = LAYOUTS[layout]
+    overrides = {
+        field: opts.pop(flag)
+        for field, flag in (
+            ("input_ids", "input_ids_column"),
+            ("ids", "ids_column"),
+            ("values", "values_column"),
+            ("pairs", "pairs_column"),
+            ("records", "records_column"),
+            ("loss_mask", "loss_mask_column"),
+            ("tail", "tail_column"),
+            ("value_kind", "value_kind"),
+            ("normalized", "normalized"),
+        )
+    }
+    changes = {k: v for k, v in overrides.items() if v is not None}
+    if any(k in changes for k in ("ids", "values", "pairs", "records")):
+        base = replace(base, ids=None, values=None, pairs=None, records=None)
+    if changes.get("value_kind") == "logit":
+        changes.setdefault("normalized", False)
+    chosen: str | Layout = replace(base, **changes) if changes else layout
+    config = ImportConfig(
+        source=source,
+        out=out,
+        layout=chosen,
+        storage_options=parse_storage_options(opts.pop("storage_options")),
+        **opts,
+    )
+    click.echo(import_cache(config).summary())
+
+
+@click.command("export")
+@click.argument("cache")
+@click.option("--out", required=True, help="Local directory for the Parquet files.")
+@click.option(
+    "--layout",
+    type=click.Choice(["plain", "axolotl"]),
+    default="plain",
+    show_default=True,
+    help="plain: ragged per-position lists with the tail; axolotl: dense [S][k] + target_mask.",
+)
+@click.option("--overwrite", is_flag=True, help="Write into a non-empty --out.")
+@storage_option
+@friendly_errors
+def export_command(
+    cache: str, out: str, layout: str, overwrite: bool, storage_options: tuple[str, ...]
+) -> None:
+    """Export CACHE (top-k) as Parquet list columns other tools read (docs/interop.md)."""
+    from logitcache.transform.exporter import export_cache
+
+    res = export_cache(
+        cache,
+        out,
+        layout=layout,  # type: ignore[arg-type]
+        storage_options=parse_storage_options(storage_options),
+        overwrite=overwrite,
+    )
+    click.echo(
+        f"exported {res.rows:,} rows ({res.positions:,} target positions) to {res.files} "
+        f"file(s) in {out}: {res.bytes:,} bytes ({res.bytes / max(res.positions, 1):.1f} "
+        "bytes/token)"
+    )

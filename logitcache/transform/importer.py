@@ -1,0 +1,639 @@
+"""``logitcache import``: a published logit dataset (Parquet, Arrow IPC, JSONL) into a cache.
+
+The source is streamed a record batch at a time (a Parquet row group, an IPC batch, or a few
+thousand JSON lines turned into one Arrow batch), so memory stays bounded whatever its size; any
+fsspec URL works (``hf://``, ``s3://``...). Each batch is converted column-wise, without a Python
+loop over positions: the nested list columns are flattened once through their Arrow offsets into
+``[positions, k]`` arrays, checked, normalised, and handed to the cache writer, whose codec then
+stores them in ~1.6 bytes per entry instead of the source's 6-8.
+
+Per position, what is kept (see :mod:`logitcache.transform.layouts` for what the values mean):
+
+- the ``k`` largest values (``k`` = the widest position of the first batch unless given). A
+  position with more entries (vLLM adds the sampled token) keeps its top ``k``; with normalised
+  values the dropped entries' mass joins the tail, exactly. A position with fewer is padded with
+  ``-inf`` entries (zero mass, as the format defines);
+- normalised sources: ``tail = log(1 - sum p)`` computed from the stored entries (or read from a
+  tail column when the source has one, which is exact);
+- other sources: values renormalised over the stored ids (``log_softmax``), tail ``-inf``, and
+  ``targets.tail = "unknown"`` in the manifest.
+
+Refusals name the source row (0-based, in source order) and the column: a NaN value, ids outside
+the vocabulary or repeated within a position, probabilities summing above ``1 + 1e-3``, more
+target positions than tokens, a row longer than ``seq_len``. ``skip_bad_rows`` counts and skips
+them instead. Row ids are source row numbers, so a cache row names the record it came from.
+
+Resume: the writer knows how many rows its committed shards hold; the import re-reads the source
+from the start, skips that many *good* rows (the good/bad decision is deterministic) and carries
+on, so a killed import resumed equals an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+
+from logitcache.errors import ConfigError, InputError, InputNotFoundError
+from logitcache.format import TopKCodec
+from logitcache.format.manifest import Backend, Manifest, SourceInfo, TargetsInfo
+from logitcache.format.targets import TopKTargets
+from logitcache.store import CacheHeader, CacheWriter, check_output
+from logitcache.store.header import DEFAULT_COMPRESSION_LEVEL, DEFAULT_SHARD_BYTES
+from logitcache.transform.layouts import LAYOUTS, Layout
+
+__all__ = ["ImportConfig", "ImportResult", "import_cache"]
+
+_JSON_BATCH = 1024
+_SUM_EPS = 1e-3
+_CONTAINERS = {".parquet": "parquet", ".arrow": "arrow", ".feather": "arrow", ".jsonl": "jsonl"}
+
+
+@dataclass(frozen=True)
+class ImportConfig:
+    """Everything ``logitcache import`` takes. ``layout``: a preset name or a :class:`Layout`."""
+
+    source: str
+    out: str
+    layout: str | Layout = "plain"
+    vocab_size: int | None = None
+    tokenizer: str | None = None
+    teacher: str = "unknown"
+    seq_len: int | None = None
+    k: int | None = None
+    input_format: str | None = None
+    skip_bad_rows: bool = False
+    values: str = "sqrt"
+    backend: Backend = "zarr"
+    shard_bytes: int = DEFAULT_SHARD_BYTES
+    compression_level: int = DEFAULT_COMPRESSION_LEVEL
+    resume: bool = False
+    overwrite: bool = False
+    storage_options: Mapping[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.layout, str) and self.layout not in LAYOUTS:
+            raise ConfigError(
+                f"unknown layout {self.layout!r}; presets: {sorted(LAYOUTS)} (or give the "
+                "columns with --ids-column/--values-column)"
+            )
+        if self.vocab_size is None and self.tokenizer is None:
+            raise ConfigError(
+                "the import needs the teacher's vocabulary: --tokenizer DIR (recorded in the "
+                "manifest, recommended) or --vocab-size N"
+            )
+        for name in ("vocab_size", "seq_len", "k"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        if self.input_format is not None and self.input_format not in _CONTAINERS.values():
+            raise ConfigError(
+                f"--input-format must be one of {sorted(set(_CONTAINERS.values()))}, "
+                f"got {self.input_format!r}"
+            )
+
+    def resolved_layout(self) -> Layout:
+        return LAYOUTS[self.layout] if isinstance(self.layout, str) else self.layout
+
+
+@dataclass(frozen=True)
+class ImportResult:
+    manifest: Manifest
+    rows: int
+    skipped_rows: int
+    resumed_rows: int
+    positions: int
+    source_bytes: int
+    seconds: float
+
+    @property
+    def source_bytes_per_token(self) -> float:
+        return self.source_bytes / max(self.positions, 1)
+
+    @property
+    def cache_bytes_per_token(self) -> float:
+        return self.manifest.num_bytes / max(self.manifest.num_positions, 1)
+
+    def summary(self) -> str:
+        return (
+            f"imported {self.rows:,} rows ({self.positions:,} target positions) in "
+            f"{self.seconds:.1f} s; skipped {self.skipped_rows:,} bad rows; resumed "
+            f"{self.resumed_rows:,}\n"
+            f"source {self.source_bytes:,} bytes ({self.source_bytes_per_token:.1f} bytes/token)"
+            f" -> cache {self.manifest.num_bytes:,} bytes ({self.cache_bytes_per_token:.1f} "
+            f"bytes/token, {self.manifest.num_bytes / max(self.source_bytes, 1):.2f}x); content "
+            f"digest {self.manifest.content_digest}"
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class _Batch:
+    """Converted rows of one source batch (only the good ones)."""
+
+    row_id: np.ndarray  # [B] source row numbers
+    tokens: list[np.ndarray]  # each row's input ids
+    positions: np.ndarray  # [B] target positions per row
+    where: np.ndarray  # [P] the token position of each target within its row
+    ids: np.ndarray  # [P, k]
+    logprobs: np.ndarray  # [P, k]
+    tail: np.ndarray  # [P]
+    bad: int
+
+
+def import_cache(
+    config: ImportConfig, progress: Callable[[int], None] | None = None
+) -> ImportResult:
+    """Import ``config.source`` into a new cache at ``config.out``. ``progress(rows)`` is called
+    after each written batch (a hook for progress lines; an exception from it aborts the import
+    like a crash: committed shards stay for ``resume``)."""
+    layout = config.resolved_layout()
+    check_output(
+        config.out,
+        overwrite=config.overwrite,
+        resume=config.resume,
+        storage_options=config.storage_options,
+    )
+    files, fs = _source_files(config.source, config.storage_options)
+    container = config.input_format or _container(files[0])
+    vocab, tok_info = _vocabulary(config)
+    start = time.perf_counter()
+    batches = _converted(files, fs, container, layout, vocab, config)
+    first = next(batches, None)
+    if first is None:
+        raise InputError(f"{config.source}: no rows with targets found")
+    k = config.k or int(first.ids.shape[1])
+    seq_len = config.seq_len or max(len(t) for t in first.tokens)
+    header = _header(config, layout, vocab, tok_info, files, fs, k, seq_len)
+    writer = CacheWriter(
+        config.out,
+        header,
+        shard_bytes=config.shard_bytes,
+        overwrite=config.overwrite,
+        resume=config.resume,
+        storage_options=config.storage_options,
+    )
+    rows = skipped = positions = 0
+    with writer:
+        to_skip = writer.resumed_rows
+        for batch in _chain(first, batches):
+            skipped += batch.bad
+            batch, to_skip = _drop_resumed(batch, to_skip)
+            if not len(batch.row_id):
+                continue
+            _write(writer, batch, k, seq_len, config.source)
+            rows += len(batch.row_id)
+            positions += int(batch.positions.sum())
+            if progress is not None:
+                progress(rows)
+        manifest = writer.commit()
+    return ImportResult(
+        manifest=manifest,
+        rows=rows,
+        skipped_rows=skipped,
+        resumed_rows=writer.resumed_rows,
+        positions=manifest.num_positions,
+        source_bytes=sum(int(fs.size(f)) for f in files),
+        seconds=time.perf_counter() - start,
+    )
+
+
+def _chain(first: _Batch, rest: Iterator[_Batch]) -> Iterator[_Batch]:
+    yield first
+    yield from rest
+
+
+# -- the source ---------------------------------------------------------------------------------
+
+
+def _source_files(source: str, storage_options: Mapping[str, Any] | None) -> tuple[list[str], Any]:
+    import fsspec
+
+    fs, _, paths = fsspec.get_fs_token_paths(source, storage_options=dict(storage_options or {}))
+    if len(paths) == 1 and fs.isdir(paths[0]):
+        paths = sorted(
+            p for p in fs.find(paths[0]) if os.path.splitext(p)[1].lower() in _CONTAINERS
+        )
+    paths = sorted(p for p in paths if fs.isfile(p))
+    if not paths:
+        raise InputNotFoundError(
+            f"import source {source!r}: no .parquet, .arrow or .jsonl files found there"
+        )
+    return paths, fs
+
+
+def _container(path: str) -> str:
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in _CONTAINERS:
+        raise ConfigError(
+            f"{path}: unknown container {ext!r}; name it with --input-format parquet|arrow|jsonl"
+        )
+    return _CONTAINERS[ext]
+
+
+def _record_batches(path: str, fs: Any, container: str, columns: list[str]) -> Iterator[Any]:
+    """Arrow record batches of the needed columns, one bounded batch at a time."""
+    with fs.open(path, "rb") as f:
+        if container == "parquet":
+            import pyarrow.parquet as pq
+
+            pf = pq.ParquetFile(f)
+            _check_columns(path, pf.schema_arrow.names, columns)
+            yield from pf.iter_batches(batch_size=1024, columns=columns)
+        elif container == "arrow":
+            import pyarrow.ipc as ipc
+
+            try:
+                reader = ipc.open_file(f)
+                batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+            except pa.ArrowInvalid:
+                f.seek(0)
+                stream = ipc.open_stream(f)
+                reader, batches = stream, iter(stream)
+            _check_columns(path, reader.schema.names, columns)
+            for b in batches:
+                yield b.select(columns)
+        else:
+            yield from _jsonl_batches(path, f, columns)
+
+
+def _jsonl_batches(path: str, f: Any, columns: list[str]) -> Iterator[Any]:
+    records: list[dict[str, Any]] = []
+    for number, line in enumerate(f, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise InputError(f"{path}, line {number}: not a JSON object ({e})") from e
+        if not isinstance(rec, dict):
+            raise InputError(f"{path}, line {number}: expected a JSON object per line")
+        if not records:
+            _check_columns(path, list(rec), columns)
+        records.append({c: rec.get(c) for c in columns})
+        if len(records) == _JSON_BATCH:
+            yield _to_arrow(path, records)
+            records = []
+    if records:
+        yield _to_arrow(path, records)
+
+
+def _to_arrow(path: str, records: list[dict[str, Any]]) -> Any:
+    try:
+        return pa.RecordBatch.from_pylist(records)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        raise InputError(f"{path}: inconsistent column types across lines ({e})") from e
+
+
+def _check_columns(path: str, have: list[str], need: list[str]) -> None:
+    missing = [c for c in need if c not in have]
+    if missing:
+        raise InputError(
+            f"{path}: no column(s) {missing}; it has {have}. Pick a --layout preset that "
+            "matches, or name the columns (--ids-column, --values-column, ...)"
+        )
+
+
+# -- conversion ---------------------------------------------------------------------------------
+
+
+def _converted(
+    files: list[str], fs: Any, container: str, layout: Layout, vocab: int, config: ImportConfig
+) -> Iterator[_Batch]:
+    base = 0
+    k = config.k
+    for path in files:
+        for rb in _record_batches(path, fs, container, layout.columns()):
+            batch = _convert(rb, base, layout, vocab, k, config, path)
+            k = k or (int(batch.ids.shape[1]) if len(batch.row_id) else None)
+            base += rb.num_rows
+            yield batch
+
+
+class _BadRow(InputError):
+    def __init__(self, row: int, column: str, why: str) -> None:
+        super().__init__(f"row {row}, column {column!r}: {why}")
+        self.row = row
+
+
+def _list_offsets(arr: Any) -> tuple[np.ndarray, Any]:
+    """(offsets int64 [n+1] relative to the values, the values) of a list array."""
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    if not pa.types.is_list(arr.type) and not pa.types.is_large_list(arr.type):
+        if pa.types.is_fixed_size_list(arr.type):
+            size = arr.type.list_size
+            n = len(arr)
+            return np.arange(n + 1, dtype=np.int64) * size, arr.flatten()
+        raise InputError(f"expected a list column, got type {arr.type}")
+    offsets = np.asarray(arr.offsets, dtype=np.int64)
+    return offsets - offsets[0], arr.flatten()
+
+
+def _numbers(arr: Any, dtype: Any) -> np.ndarray:
+    if arr.null_count:
+        raise InputError("null values inside a list")
+    return np.asarray(arr.to_numpy(zero_copy_only=False), dtype=dtype)
+
+
+def _convert(
+    rb: Any,
+    base: int,
+    layout: Layout,
+    vocab: int,
+    k_fixed: int | None,
+    config: ImportConfig,
+    path: str,
+) -> _Batch:
+    n = rb.num_rows
+    tok_off, tok_vals = _list_offsets(rb.column(layout.input_ids))
+    tokens_flat = _numbers(tok_vals, np.int64)
+    pos_off, entry_off, ids_flat, vals_flat, which = _targets_arrays(rb, layout)
+    n_pos = np.diff(pos_off)
+    widths = np.diff(entry_off)
+    k = k_fixed or int(widths.max(initial=1))
+    bad: dict[int, str] = {}
+
+    def flag(rows: np.ndarray, column: str, why: str) -> None:
+        for r in np.unique(rows).tolist():
+            bad.setdefault(int(r), f"column {column!r}: {why}")
+
+    row_of_pos = np.repeat(np.arange(n), n_pos)
+    row_of_entry = np.repeat(row_of_pos, widths)
+    lengths = np.diff(tok_off)
+    flag(np.nonzero(n_pos > lengths)[0], which, "more target positions than input tokens")
+    if config.seq_len is not None:
+        flag(
+            np.nonzero(lengths > config.seq_len)[0],
+            layout.input_ids,
+            f"longer than --seq-len {config.seq_len}",
+        )
+    tok_rows = np.repeat(np.arange(n), lengths)
+    flag(tok_rows[(tokens_flat < 0) | (tokens_flat >= vocab)], layout.input_ids,
+         f"token ids outside the vocabulary [0, {vocab})")  # fmt: skip
+    flag(row_of_entry[(ids_flat < 0) | (ids_flat >= vocab)], which,
+         f"ids outside the vocabulary [0, {vocab})")  # fmt: skip
+    flag(row_of_entry[~np.isfinite(vals_flat) & ~(vals_flat == -np.inf)], which,
+         "NaN or +inf values")  # fmt: skip
+    ids, vals, dup = _dense(ids_flat, vals_flat, entry_off, widths, k)
+    flag(row_of_pos[dup], which, "an id repeated within one position")
+    lp, tail, over = _normalise(vals, widths, layout, rb, pos_off)
+    flag(row_of_pos[over], which, f"probabilities summing above 1 + {_SUM_EPS:g}")
+    if bad and not config.skip_bad_rows:
+        row, why = min(bad.items())
+        raise InputError(
+            f"{path}: source row {base + row}, {why}; fix the source or pass --skip-bad-rows "
+            "to count and skip such rows"
+        )
+    keep_row = np.ones(n, dtype=bool)
+    keep_row[list(bad)] = False
+    keep_pos = np.repeat(keep_row, n_pos) & (widths > 0)  # an empty position has no target
+    if layout.loss_mask is not None:
+        keep_pos &= _position_mask(rb.column(layout.loss_mask), pos_off)
+    rows = np.nonzero(keep_row)[0]
+    per_row = np.bincount(row_of_pos[keep_pos], minlength=n)
+    where = np.arange(len(row_of_pos)) - np.repeat(pos_off[:-1], n_pos)
+    return _Batch(
+        row_id=(rows + base).astype(np.int64),
+        tokens=[tokens_flat[tok_off[r] : tok_off[r + 1]] for r in rows.tolist()],
+        positions=per_row[rows].astype(np.int64),
+        where=where[keep_pos],
+        ids=ids[keep_pos],
+        logprobs=lp[keep_pos],
+        tail=tail[keep_pos],
+        bad=len(bad),
+    )
+
+
+def _targets_arrays(rb: Any, layout: Layout) -> tuple[Any, ...]:
+    """(position offsets [n+1], entry offsets [P+1], ids [E], values [E], column name)."""
+    if layout.pairs is not None:
+        pos_off, per_pos = _list_offsets(rb.column(layout.pairs))
+        pair_off, pair_vals = _list_offsets(per_pos)
+        if np.any(np.diff(pair_off) != 2):
+            raise InputError(f"column {layout.pairs!r}: each position must hold [ids, values]")
+        entry_off, flat = _list_offsets(pair_vals)
+        nums = _numbers(flat, np.float64)
+        widths = np.diff(entry_off)
+        ids = nums[_ranges(entry_off[:-1][0::2], widths[0::2])]
+        vals = nums[_ranges(entry_off[:-1][1::2], widths[1::2])]
+        off = np.concatenate([[0], np.cumsum(widths[0::2])])
+        return pos_off, off, ids.astype(np.int64), vals, layout.pairs
+    if layout.records is not None:
+        pos_off, per_pos = _list_offsets(rb.column(layout.records))
+        entry_off, structs = _list_offsets(per_pos)
+        return (
+            pos_off,
+            entry_off,
+            _token_ids(structs),
+            _numbers(structs.field("logprob"), np.float64),
+            layout.records,
+        )
+    if layout.ids is None or layout.values is None:
+        raise ConfigError("the layout names no targets column")  # Layout refuses this already
+    pos_off, id_pos = _list_offsets(rb.column(layout.ids))
+    vpos_off, val_pos = _list_offsets(rb.column(layout.values))
+    entry_off, id_flat = _list_offsets(id_pos)
+    ventry_off, val_flat = _list_offsets(val_pos)
+    if not (np.array_equal(pos_off, vpos_off) and np.array_equal(entry_off, ventry_off)):
+        raise InputError(
+            f"columns {layout.ids!r} and {layout.values!r} do not have the same shape per row"
+        )
+    return (
+        pos_off,
+        entry_off,
+        _numbers(id_flat, np.int64),
+        _numbers(val_flat, np.float64),
+        layout.ids,
+    )
+
+
+def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Concatenated ``arange(s, s + n)`` for each (s, n), vectorised."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    out_starts = np.cumsum(lengths) - lengths
+    shift = np.repeat(np.asarray(starts, dtype=np.int64) - out_starts, lengths)
+    return shift + np.arange(int(lengths.sum()), dtype=np.int64)
+
+
+def _token_ids(structs: Any) -> np.ndarray:
+    """``token`` of vLLM records: an int, or a string ``"token_id:N"``."""
+    tok = structs.field("token")
+    if pa.types.is_integer(tok.type):
+        return _numbers(tok, np.int64)
+    text = np.asarray(tok.to_pylist(), dtype=object)
+    try:
+        return np.array([int(str(t).rsplit(":", 1)[-1]) for t in text], dtype=np.int64)
+    except ValueError as e:
+        raise InputError(
+            "record tokens must be ids or 'token_id:N' strings (vLLM's return_tokens_as_token_ids)"
+        ) from e
+
+
+def _dense(
+    ids_flat: np.ndarray, vals_flat: np.ndarray, entry_off: np.ndarray, widths: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Ragged entries -> [P, k] ids / values (top-k by value, padded with -inf); and a [P] flag of
+    positions that repeat an id."""
+    p = len(widths)
+    wmax = max(int(widths.max(initial=0)), k)
+    col = np.arange(len(ids_flat)) - np.repeat(entry_off[:-1], widths)
+    row = np.repeat(np.arange(p), widths)
+    ids = np.zeros((p, wmax), dtype=np.int64)
+    vals = np.full((p, wmax), -np.inf)
+    ids[row, col] = ids_flat
+    vals[row, col] = np.where(np.isnan(vals_flat), -np.inf, vals_flat)
+    srt = np.sort(np.where(np.isneginf(vals), -1 - np.arange(wmax), ids), axis=1)
+    dup = np.any(srt[:, 1:] == srt[:, :-1], axis=1)
+    if wmax > k:
+        top = np.argsort(-vals, axis=1, kind="stable")[:, :k]
+        ids = np.take_along_axis(ids, top, axis=1)
+        vals = np.take_along_axis(vals, top, axis=1)
+    return ids, vals, dup
+
+
+def _normalise(
+    vals: np.ndarray, widths: np.ndarray, layout: Layout, rb: Any, pos_off: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(log-probs [P, k], tail [P], over [P] flag of sums above one)."""
+    if layout.value_kind == "prob":
+        with np.errstate(divide="ignore"):
+            lp = np.log(np.clip(vals, 0.0, None))
+    else:
+        lp = vals
+    p = lp.shape[0]
+    if not layout.normalized:
+        m = np.max(lp, axis=1, keepdims=True)
+        m = np.where(np.isfinite(m), m, 0.0)
+        with np.errstate(divide="ignore"):
+            lse = m + np.log(np.exp(lp - m).sum(axis=1, keepdims=True))
+        return lp - lse, np.full(p, -np.inf), np.zeros(p, dtype=bool)
+    total = np.exp(lp).sum(axis=1)
+    over = total > 1 + _SUM_EPS
+    if layout.tail is not None:
+        _, t_vals = _list_offsets(rb.column(layout.tail))
+        tail = _numbers(t_vals, np.float64)
+        if len(tail) != p:
+            raise InputError(f"column {layout.tail!r}: one tail value per target position")
+        return lp, tail, over
+    with np.errstate(divide="ignore", invalid="ignore"):
+        tail = np.log1p(-np.minimum(total, 1.0))
+    return lp, tail, over
+
+
+def _position_mask(col: Any, pos_off: np.ndarray) -> np.ndarray:
+    """A per-position keep mask from a loss-mask column: ``[S]`` 0/1 per token, or ``[S][k]``
+    (Axolotl's ``target_mask``: a position counts when any of its entries does)."""
+    off, per = _list_offsets(col)
+    if pa.types.is_list(per.type) or pa.types.is_large_list(per.type):
+        e_off, flat = _list_offsets(per)
+        vals = _numbers(flat, np.int64) != 0
+        any_on = np.add.reduceat(vals, e_off[:-1]) > 0 if len(vals) else np.zeros(0, bool)
+        any_on = np.where(np.diff(e_off) > 0, any_on, False)
+        per_pos = any_on
+    else:
+        per_pos = _numbers(per, np.int64) != 0
+    out = np.zeros(int(pos_off[-1]), dtype=bool)
+    n_pos = np.diff(pos_off)
+    n_mask = np.diff(off)
+    take = np.minimum(n_pos, n_mask)
+    src = _ranges(off[:-1], take)
+    dst = _ranges(pos_off[:-1], take)
+    out[dst] = per_pos[src]
+    return out
+
+
+def _drop_resumed(batch: _Batch, to_skip: int) -> tuple[_Batch, int]:
+    if to_skip <= 0:
+        return batch, 0
+    n = len(batch.row_id)
+    drop = min(n, to_skip)
+    cut = int(batch.positions[:drop].sum())
+    rest = _Batch(
+        batch.row_id[drop:],
+        batch.tokens[drop:],
+        batch.positions[drop:],
+        batch.where[cut:],
+        batch.ids[cut:],
+        batch.logprobs[cut:],
+        batch.tail[cut:],
+        batch.bad,
+    )
+    return rest, to_skip - drop
+
+
+def _write(writer: CacheWriter, batch: _Batch, k: int, seq_len: int, source: str) -> None:
+    b = len(batch.row_id)
+    input_ids = np.zeros((b, seq_len), dtype=np.int32)
+    mask = np.zeros((b, seq_len), dtype=np.uint8)
+    for i, tokens in enumerate(batch.tokens):
+        if len(tokens) > seq_len:
+            raise InputError(
+                f"{source}: source row {int(batch.row_id[i])} has {len(tokens)} tokens, more than "
+                f"the cache's seq_len {seq_len} (taken from the first batch); pass --seq-len"
+            )
+        input_ids[i, : len(tokens)] = tokens
+    mask[np.repeat(np.arange(b), batch.positions), batch.where] = 1
+    targets = TopKTargets(
+        ids=batch.ids.astype(np.int32),
+        logprobs=batch.logprobs.astype(np.float32),
+        tail_logprob=batch.tail.astype(np.float32),
+        temperature_lognorm=np.zeros((len(batch.ids), 0), dtype=np.float32),
+    )
+    writer.write(batch.row_id, input_ids, mask, targets)
+
+
+# -- identity ---------------------------------------------------------------------------------
+
+
+def _vocabulary(config: ImportConfig) -> tuple[int, SourceInfo]:
+    if config.tokenizer is None:
+        return int(config.vocab_size or 0), SourceInfo("unknown", None, None)
+    from logitcache.format.fingerprint import tokenizer_fingerprint
+
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(config.tokenizer)
+    except (OSError, ValueError, ImportError) as e:
+        raise ConfigError(f"--tokenizer {config.tokenizer}: cannot load it ({e})") from e
+    vocab = config.vocab_size or len(tok)
+    name = os.path.basename(config.tokenizer.rstrip("/")) or config.tokenizer
+    return vocab, SourceInfo(name, None, tokenizer_fingerprint(tok))
+
+
+def _header(
+    config: ImportConfig,
+    layout: Layout,
+    vocab: int,
+    tok_info: SourceInfo,
+    files: list[str],
+    fs: Any,
+    k: int,
+    seq_len: int,
+) -> CacheHeader:
+    h = hashlib.sha256()
+    for f in files:
+        info = fs.info(f)
+        ident = info.get("ETag") or info.get("mtime") or info.get("last_modified") or ""
+        h.update(f"{os.path.basename(f)}\0{info.get('size')}\0{ident}\0".encode())
+    tail: Literal["bucket", "unknown"] = "bucket" if layout.tail_known else "unknown"
+    return CacheHeader(
+        codec=TopKCodec(k=k, vocab_size=vocab, num_temperatures=0, values=config.values),
+        targets=TargetsInfo("topk", k=k, tail=tail),
+        seq_len=seq_len,
+        vocab_size=vocab,
+        padded_vocab_size=vocab,
+        backend=config.backend,
+        compression_level=config.compression_level,
+        teacher=SourceInfo(config.teacher, None, None),
+        tokenizer=tok_info,
+        dataset=SourceInfo(os.path.basename(config.source.rstrip("/")), None, h.hexdigest()),
+        extra={"import": {"layout": layout.to_dict(), "files": len(files)}},
+    )
