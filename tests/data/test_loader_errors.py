@@ -69,6 +69,7 @@ class _Stuck(_Dies):
         return {"x": torch.tensor([i])}
 
 
+@pytest.mark.dist
 def test_dead_worker_is_a_loader_error_not_a_hang() -> None:
     dl = DataLoader(_Dies(), batch_size=None, num_workers=1, timeout=20)
     t0 = time.monotonic()
@@ -78,6 +79,7 @@ def test_dead_worker_is_a_loader_error_not_a_hang() -> None:
     assert time.monotonic() - t0 < 15
 
 
+@pytest.mark.dist
 def test_stuck_worker_times_out_with_a_loader_error() -> None:
     dl = DataLoader(_Stuck(), batch_size=None, num_workers=1, timeout=0.3)
     with pytest.raises(LoaderError, match=r"timeout=0\.3"):

@@ -227,6 +227,7 @@ def test_cli_with_config_file(cache: Path, student_dir: Path, tmp_path: Path) ->
     assert r.exit_code == 1 and "alpha" in r.output and "Traceback" not in r.output
 
 
+@pytest.mark.dist
 def test_torchrun_two_ranks_equal_single(cache: Path, student_dir: Path, tmp_path: Path) -> None:
     single = run_train(cfg(cache, tmp_path / "one", student_dir, max_steps=4, batch_size=4))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
