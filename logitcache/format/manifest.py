@@ -51,6 +51,7 @@ __all__ = [
     "TargetsInfo",
     "check_relative_path",
     "content_digest",
+    "first_difference",
     "shard_name",
 ]
 
@@ -105,6 +106,26 @@ def content_digest(d: Mapping[str, Any]) -> str:
         picked, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
     )
     return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def first_difference(old: Any, new: Any) -> tuple[str, Any, Any] | None:
+    """The shallowest dotted path where two JSON-like values differ, with both values there.
+
+    The one "which field changed" of the package (a resume against its progress record, the
+    parts of a finalize, the sources of a merge). Shallowest first, so a changed ``seq_len`` is
+    named as such rather than through the dataset fingerprint it also changes; among equally
+    deep paths, the first in ``new``'s key order."""
+    diffs: list[tuple[str, Any, Any]] = []
+
+    def walk(a: Any, b: Any, where: str) -> None:
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            for key in [*b, *(k for k in a if k not in b)]:
+                walk(a.get(key), b.get(key), f"{where}.{key}" if where else key)
+        elif a != b:
+            diffs.append((where or "(the whole value)", a, b))
+
+    walk(old, new, "")
+    return min(diffs, key=lambda d: d[0].count(".")) if diffs else None
 
 
 def check_relative_path(path: str, where: str) -> str:

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from logitcache.errors import CacheIncompleteError, ConfigError, WriterError
-from logitcache.format.manifest import MANIFEST_NAME, Manifest
+from logitcache.format.manifest import MANIFEST_NAME, Manifest, first_difference
 from logitcache.store._fs import Location, open_location
 from logitcache.store._lock import WriterLock
 from logitcache.store.header import PARTS_DIR, WRITTEN_FIELDS, CoverageSum
@@ -56,16 +56,21 @@ def _finalize(loc: Location, url: str, parts: Sequence[str]) -> Manifest:
         cov.merge(CoverageSum(d["coverage_sums"]))
     if not manifests:
         raise ConfigError("finalize needs at least one part")
-    first = manifests[0].to_dict()
     # parts must also come from the same logitcache release, so created_by is compared
     skip = WRITTEN_FIELDS - {"created_by"}
-    for p, m in zip(parts, manifests, strict=True):
-        d = m.to_dict()
-        for key in first:
-            if key not in skip and d.get(key) != first.get(key):
-                raise ConfigError(
-                    f"cannot finalize {url}: part {p!r} differs from part {parts[0]!r} in {key}"
-                )
+
+    def header(m: Manifest) -> dict[str, Any]:
+        return {k: v for k, v in m.to_dict().items() if k not in skip}
+
+    for p, m in zip(parts[1:], manifests[1:], strict=True):
+        changed = first_difference(header(manifests[0]), header(m))
+        if changed is not None:
+            where, ours, theirs = changed
+            raise ConfigError(
+                f"cannot finalize {url}: part {p!r} differs from part {parts[0]!r} in {where} "
+                f"({parts[0]!r} has {ours!r}, {p!r} has {theirs!r}); every rank must run with "
+                "the same settings: resume the odd part with them, or dump again"
+            )
     shards = tuple(s for m in manifests for s in m.shards)
     manifest = manifests[0].derive(shards=shards, coverage=cov.coverage())
     loc.write_atomic(MANIFEST_NAME, manifest.to_json().encode())

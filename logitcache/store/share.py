@@ -37,6 +37,7 @@ from logitcache.format.manifest import (
     Manifest,
     ShardRecord,
     SourceInfo,
+    first_difference,
 )
 from logitcache.store._fs import Location, open_location
 from logitcache.store._lock import WriterLock
@@ -144,27 +145,20 @@ def copy_cache(
     return CopyReport(copied, skipped, nbytes, m.content_digest)
 
 
-def _first_mismatch(a: Any, b: Any, where: str) -> str | None:
-    if isinstance(a, Mapping) and isinstance(b, Mapping):
-        for k in sorted(set(a) | set(b)):
-            hit = _first_mismatch(a.get(k), b.get(k), f"{where}.{k}")
-            if hit is not None:
-                return hit
-        return None
-    return None if a == b else f"{where} ({a!r} vs {b!r})"
-
-
 def _check_agree(sources: Sequence[str], manifests: Sequence[Manifest]) -> None:
-    first = manifests[0].to_dict()
-    for url, m in zip(sources[1:], manifests[1:], strict=True):
+    def fields(m: Manifest) -> dict[str, Any]:
         d = m.to_dict()
-        for key in MERGE_FIELDS:
-            diff = _first_mismatch(first[key], d[key], key)
-            if diff is not None:
-                raise ConfigError(
-                    f"cannot merge {url} with {sources[0]}: they differ in {diff}; only caches "
-                    "of the same teacher, tokenizer, codec, seq_len and vocabulary can be merged"
-                )
+        return {k: d[k] for k in MERGE_FIELDS}
+
+    for url, m in zip(sources[1:], manifests[1:], strict=True):
+        changed = first_difference(fields(manifests[0]), fields(m))
+        if changed is not None:
+            where, ours, theirs = changed
+            raise ConfigError(
+                f"cannot merge {url} with {sources[0]}: they differ in {where} ({ours!r} vs "
+                f"{theirs!r}); only caches of the same teacher, tokenizer, codec, seq_len and "
+                "vocabulary can be merged"
+            )
 
 
 def _coverage(manifests: Sequence[Manifest]) -> Coverage:

@@ -40,6 +40,7 @@ from logitcache.format.manifest import (
     FileRecord,
     Manifest,
     ShardRecord,
+    first_difference,
     shard_name,
 )
 from logitcache.store._fs import Location, open_location
@@ -71,23 +72,42 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _refuse_existing(loc: Location, overwrite: bool, resume: bool) -> None:
+def _refuse_output(loc: Location, *, overwrite: bool, resume: bool, part: str | None) -> None:
+    """Every refusal of an output location, in one place: :func:`check_output` runs it before
+    any work is done, the :class:`CacheWriter` constructor again under its lock.
+
+    A committed cache needs ``overwrite``; shards of an unfinished dump need ``resume`` or
+    ``overwrite`` (with ``part``, only that part's own progress counts: the other writers of a
+    multi-writer cache may already be writing)."""
+    if overwrite and resume:
+        raise ConfigError("overwrite and resume exclude each other; pick one")
     if overwrite:
-        # the old manifest goes first: from here on the old cache no longer reads as complete
-        loc.remove(MANIFEST_NAME)
-        for rel in ("shards", PROGRESS_DIR, PARTS_DIR):
-            loc.remove(rel)
         return
     if loc.exists(MANIFEST_NAME):
         raise WriterError(
             f"{loc.url} already holds a committed cache; choose another output, or pass "
             "overwrite=True (--overwrite) to replace it"
         )
-    if not resume and (loc.exists("shards") or loc.exists(PROGRESS_DIR)):
+    if resume:
+        return
+    if part is None:
+        unfinished = loc.exists("shards") or loc.exists(PROGRESS_DIR)
+    else:
+        unfinished = loc.exists(f"{PROGRESS_DIR}/{part}.json")
+    if unfinished:
+        by = f" by {part}" if part else ""
         raise CacheIncompleteError(
-            f"{loc.url} holds shards of an unfinished dump; pass resume=True (--resume) to "
+            f"{loc.url} holds shards of an unfinished dump{by}; pass resume=True (--resume) to "
             "continue it or overwrite=True (--overwrite) to start again"
         )
+
+
+def _clear_output(loc: Location) -> None:
+    """Remove an old cache (``overwrite``); the manifest goes first: from then on the old cache
+    no longer reads as complete."""
+    loc.remove(MANIFEST_NAME)
+    for rel in ("shards", PROGRESS_DIR, PARTS_DIR):
+        loc.remove(rel)
 
 
 class CacheWriter:
@@ -135,10 +155,9 @@ class CacheWriter:
         self._lock = WriterLock(self.loc, part or "main")
         self._lock.acquire(break_lock)
         try:
-            if part is None:
-                _refuse_existing(self.loc, overwrite, resume)
-            elif self.loc.exists(MANIFEST_NAME):
-                raise WriterError(f"{self.loc.url} already holds a committed cache (manifest.json)")
+            _refuse_output(self.loc, overwrite=overwrite, resume=resume, part=part)
+            if overwrite and part is None:  # parts: one process cleared it (check_output(clear))
+                _clear_output(self.loc)
             self.loc.makedirs()
             self.resumed_rows = self._resume() if resume else 0
         except BaseException:
@@ -273,7 +292,7 @@ class CacheWriter:
                 f"cannot resume {self.loc.url}: its progress record {self._progress} is "
                 f"unreadable ({e}); start again with --overwrite"
             ) from e
-        changed = _first_difference(record["header"], self.header.fingerprint_dict())
+        changed = first_difference(record["header"], self.header.fingerprint_dict())
         if changed is not None:
             path, theirs, ours = changed
             raise ConfigError(
@@ -352,24 +371,6 @@ class CacheWriter:
             ev.add_note(msg)
 
 
-def _first_difference(old: Any, new: Any) -> tuple[str, Any, Any] | None:
-    """The shallowest dotted path where two JSON-like values differ, with both values there.
-
-    Shallowest first, so a changed ``seq_len`` is named as such rather than through the dataset
-    fingerprint it also changes."""
-    diffs: list[tuple[str, Any, Any]] = []
-
-    def walk(a: Any, b: Any, where: str) -> None:
-        if isinstance(a, Mapping) and isinstance(b, Mapping):
-            for key in [*b, *(k for k in a if k not in b)]:  # the header's own field order
-                walk(a.get(key), b.get(key), f"{where}.{key}" if where else key)
-        elif a != b:
-            diffs.append((where or "header", a, b))
-
-    walk(old, new, "")
-    return min(diffs, key=lambda d: d[0].count(".")) if diffs else None
-
-
 def check_output(
     url: str,
     *,
@@ -381,31 +382,14 @@ def check_output(
     break_lock: bool = False,
 ) -> None:
     """Refuse ``url`` as a new cache's output the way :class:`CacheWriter` would, before any
-    work is done: a live writer's lock refuses it (``break_lock`` removes the lock); a
-    committed cache needs ``overwrite``; shards of an unfinished dump need
-    ``resume`` or ``overwrite``. With ``part``, only that part's own progress counts (the other
-    writers of a multi-writer cache may already be writing). With ``overwrite`` and ``clear``
-    the old contents are removed (one process of a multi-writer dump does this, then the
-    writers start)."""
-    if overwrite and resume:
-        raise ConfigError("overwrite and resume exclude each other; pick one")
+    work is done (see :func:`_refuse_output`); a live writer's lock refuses it too
+    (``break_lock`` removes the lock). With ``overwrite`` and ``clear`` the old contents are
+    removed (one process of a multi-writer dump does this, then the writers start)."""
     loc = open_location(url, storage_options)
+    _refuse_output(loc, overwrite=overwrite, resume=resume, part=part)
     WriterLock(loc, part or "main").ensure_free(break_lock)
-    if overwrite and not clear:
-        return
-    if part is None or overwrite:
-        _refuse_existing(loc, overwrite, resume)
-        return
-    if loc.exists(MANIFEST_NAME):
-        raise WriterError(
-            f"{loc.url} already holds a committed cache; choose another output, or pass "
-            "overwrite=True (--overwrite) to replace it"
-        )
-    if not resume and loc.exists(f"{PROGRESS_DIR}/{part}.json"):
-        raise CacheIncompleteError(
-            f"{loc.url} holds shards of an unfinished dump by {part}; pass resume=True "
-            "(--resume) to continue it or overwrite=True (--overwrite) to start again"
-        )
+    if overwrite and clear:
+        _clear_output(loc)
 
 
 def _row_bytes(data: ShardData, specs: Sequence[Any], count_array: str | None) -> np.ndarray:

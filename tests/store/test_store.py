@@ -28,7 +28,7 @@ from logitcache.errors import (
 from logitcache.format import SampledCodec, TopKCodec
 from logitcache.format.manifest import SourceInfo, TargetsInfo
 from logitcache.report import verify_cache
-from logitcache.store import CacheHeader, CacheReader, CacheWriter, finalize_cache
+from logitcache.store import CacheHeader, CacheReader, CacheWriter, check_output, finalize_cache
 
 BACKENDS = ["zarr", "arrow"]
 
@@ -486,8 +486,43 @@ def test_finalize_refuses_disagreeing_parts(tmp_path: Path) -> None:
     url = str(tmp_path / "c")
     write_cache(url, header("zarr"), make_batches(6, 1, 2, 8, 4, 50), part="a")
     write_cache(url, header("zarr", k=3), make_batches(6, 1, 2, 8, 3, 50), part="b")
-    with pytest.raises(ConfigError, match=r"part 'b' differs from part 'a' in (codec|targets)"):
+    with pytest.raises(
+        ConfigError, match=r"part 'b' differs from part 'a' in targets\.k \('a' has 4, 'b' has 3\)"
+    ):
         finalize_cache(url, ["a", "b"])
+
+
+def _crash(url: str, **kw: object) -> None:
+    with pytest.raises(RuntimeError), CacheWriter(url, header("zarr"), shard_bytes=1500, **kw) as w:
+        for rid, ids, mask, t in make_batches(5, 3, 3, 8, 4, 50):
+            w.write(rid, ids, mask, t)
+        raise RuntimeError("crash")
+
+
+@pytest.mark.parametrize(
+    ("state", "kw", "error", "message"),
+    [
+        ("committed", {}, WriterError, "already holds a committed cache"),
+        ("unfinished", {}, CacheIncompleteError, "unfinished dump; pass resume=True"),
+        ("unfinished-part", {"part": "r1"}, CacheIncompleteError, "unfinished dump by r1"),
+        ("empty", {"overwrite": True, "resume": True}, ConfigError, "exclude each other"),
+    ],
+)
+def test_check_output_and_the_writer_refuse_alike(
+    tmp_path: Path, state: str, kw: dict, error: type, message: str
+) -> None:
+    """One implementation of the refusals: the early check and the writer say the same."""
+    url = str(tmp_path / "c")
+    if state == "committed":
+        write_cache(url, header("zarr"), make_batches(1, 1, 2, 8, 4, 50))
+    elif state == "unfinished":
+        _crash(url)
+    elif state == "unfinished-part":
+        _crash(url, part="r1")
+    with pytest.raises(error, match=message):
+        check_output(url, **kw)
+    with pytest.raises(error, match=message):
+        CacheWriter(url, header("zarr"), shard_bytes=1500, **kw)
 
 
 def test_zarr_fast_path_equals_zarr(tmp_path: Path) -> None:
