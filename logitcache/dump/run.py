@@ -23,6 +23,8 @@ and chunk size are not part of it: a resume may change them (after an out-of-mem
 restarts at the start of the batch that row falls in and drops the already-written rows after
 the forward, so every batch is the one an uninterrupted run computed: for a deterministic teacher
 (same batch size) the shards are byte-identical, because shard cuts depend only on the rows.
+When every row is already committed (killed between the last shard and the manifest), the last,
+short batch is skipped without a forward and the resume only commits.
 
 **Memory.** Host: one batch being computed, at most ``queue_depth`` waiting, one shard being
 buffered (``shard_bytes``); nothing grows with the dataset. Device: the teacher, its activations
@@ -57,7 +59,7 @@ from logitcache.dump.pipeline import (
 )
 from logitcache.dump.sparsify import SparsifyConfig, sparsify_batch
 from logitcache.dump.teacher import Teacher, load_teacher
-from logitcache.errors import ConfigError
+from logitcache.errors import ConfigError, WriterError
 from logitcache.format import SampledCodec, TopKCodec
 from logitcache.format.codec import TargetCodec
 from logitcache.format.manifest import Backend, Manifest, SourceInfo, TargetsInfo
@@ -285,6 +287,11 @@ def _run(
         batches = read_ahead(source) if teacher.device.type != "cpu" else (b for b in source)
         try:
             for batch in batches:
+                if drop and drop == len(batch.row_ids):
+                    # the stream's last, short batch is already in the committed shards: the
+                    # run was killed between its last shard and the manifest; nothing to compute
+                    drop = 0
+                    continue
                 sparse = sparsify_batch(
                     teacher, batch.input_ids, batch.loss_mask, batch.row_ids, sparsify
                 )
@@ -293,6 +300,12 @@ def _run(
                 background.put(batch, sparse)
                 computed += len(batch.row_ids)
                 progress.update(len(batch.row_ids))
+            if drop:
+                raise WriterError(
+                    f"cannot resume {config.out}: its committed shards hold {done} rows of this "
+                    f"rank but the input gives fewer; the input data changed "
+                    "since the interrupted run (rerun with the original data, or --overwrite)"
+                )
             background.close()
         except BaseException:
             background.abandon()

@@ -332,6 +332,69 @@ def test_sigkill_then_resume_equals_uninterrupted(
         np.testing.assert_array_equal(a[rid].targets.logprobs, b[rid].targets.logprobs)
 
 
+def _manifest_sans_time(url: Path) -> dict[str, Any]:
+    m = manifest(url)
+    m.pop("created_at", None)
+    return m
+
+
+@pytest.mark.dist
+def test_killed_before_manifest_resumes_to_the_uninterrupted_cache(
+    tmp_path: Path, tiny_teacher_dir: Path, text_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed after its last shard, before the manifest: every row is committed, so the resume
+    has nothing to compute and commits the manifest (#14.1)."""
+    monkeypatch.syspath_prepend(str(TESTS))
+    monkeypatch.setenv("LOGITCACHE_TEST_TEACHER", str(tiny_teacher_dir))
+    opts = ("--batch-size", "5", "--shard-mb", "0.01", "--no-count")
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    run_cli(*dump_args("dump_factories:slow", text_data, full, *opts))
+    assert manifest(full)["num_rows"] % 5, "the last batch must be short for this case"
+    cmd = [
+        sys.executable,
+        "-m",
+        "logitcache",
+        *dump_args("dump_factories:slow", text_data, cut, *opts),
+    ]
+    proc = subprocess.run(cmd, env=_env(LOGITCACHE_TEST_EXIT_BEFORE_MANIFEST="all"),
+                          capture_output=True, text=True, timeout=240)  # fmt: skip
+    assert proc.returncode == 9, proc.stderr[-3000:]
+    assert not (cut / "manifest.json").exists()
+    committed = sum(
+        s["rows"] for s in json.loads((cut / "_writers/main.json").read_text())["shards"]
+    )
+    assert committed == manifest(full)["num_rows"]
+    result = run_cli(*dump_args("dump_factories:slow", text_data, cut, *opts, "--resume"))
+    assert f"{committed:,} rows resumed" in result.output
+    assert _manifest_sans_time(cut) == _manifest_sans_time(full)
+
+
+@pytest.mark.dist
+def test_two_ranks_killed_before_markers_resume_to_the_uninterrupted_cache(
+    tmp_path: Path, tiny_teacher_dir: Path, text_data: Path
+) -> None:
+    """Under torchrun: rank 1 dies right before its completion marker (rank 0 may have written
+    its own); the resume finishes both ranks and finalizes (#14.1)."""
+    opts = ("--batch-size", "5", "--shard-mb", "0.01", "--no-count", "--device", "cpu")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                "2", "-m", "logitcache"]  # fmt: skip
+    env = _env(LOGITCACHE_TEST_TEACHER=str(tiny_teacher_dir))
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    proc = subprocess.run([*torchrun, *dump_args("dump_factories:slow", text_data, full, *opts)],
+                          env=env, capture_output=True, text=True, timeout=240)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    killed = {**env, "LOGITCACHE_TEST_EXIT_BEFORE_MANIFEST": "1"}
+    proc = subprocess.run([*torchrun, *dump_args("dump_factories:slow", text_data, cut, *opts)],
+                          env=killed, capture_output=True, text=True, timeout=240)  # fmt: skip
+    assert proc.returncode != 0
+    assert not (cut / "manifest.json").exists() and not (cut / "_parts/rank00001.json").exists()
+    args = dump_args("dump_factories:slow", text_data, cut, *opts, "--resume")
+    proc = subprocess.run([*torchrun, *args], env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _manifest_sans_time(cut) == _manifest_sans_time(full)
+    assert _shard_files(cut) == _shard_files(full)
+
+
 def test_refuses_existing_output(
     tmp_path: Path, tiny_teacher_dir: Path, text_data: Path, reference_cache: Path
 ) -> None:
