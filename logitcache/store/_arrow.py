@@ -15,8 +15,9 @@ from collections.abc import Mapping
 import numpy as np
 import pyarrow as pa
 
+from logitcache.errors import CacheCorruptError
 from logitcache.format.codec import ArraySpec
-from logitcache.store.base import TARGETS_GROUP, ShardBackend, ShardData
+from logitcache.store.base import TARGETS_GROUP, ShardBackend, ShardData, decoding
 
 __all__ = ["ArrowBackend"]
 
@@ -81,20 +82,57 @@ class ArrowBackend(ShardBackend):
     def deserialize(
         self, files: Mapping[str, bytes], specs: tuple[ArraySpec, ...], seq_len: int
     ) -> ShardData:
-        table = pa.ipc.open_file(pa.BufferReader(files[""])).read_all()
+        with decoding("arrow file", (pa.ArrowException,)):
+            table = pa.ipc.open_file(pa.BufferReader(files[""])).read_all()
+        _check_schema(table.schema, specs, seq_len)
         r = table.num_rows
 
         def flat(name: str) -> np.ndarray:
-            col = table.column(name).combine_chunks()
-            return np.asarray(col.flatten().to_numpy(zero_copy_only=False))
+            col = table.column(name)
+            if col.null_count:
+                raise CacheCorruptError(f"column {name} holds {col.null_count} nulls")
+            with decoding(f"column {name}", (pa.ArrowException,)):
+                return np.asarray(col.combine_chunks().flatten().to_numpy(zero_copy_only=False))
 
         targets: dict[str, np.ndarray] = {}
         for spec in specs:
-            arr = flat(_column_name(spec)).astype(spec.dtype, copy=False)
+            arr = flat(_column_name(spec))
+            per_item = int(np.prod(spec.inner_shape, dtype=np.int64))
+            if arr.size % max(per_item, 1):
+                raise CacheCorruptError(
+                    f"column {_column_name(spec)} holds {arr.size} values, not a multiple of "
+                    f"{per_item}"
+                )
             targets[spec.name] = arr.reshape(-1, *spec.inner_shape)
+        with decoding("column row_id", (pa.ArrowException,)):
+            row_id = np.asarray(table.column("row_id").to_numpy(), dtype=np.int64)
         return ShardData(
-            row_id=np.asarray(table.column("row_id").to_numpy(), dtype=np.int64),
-            input_ids=flat("input_ids").astype(np.int32, copy=False).reshape(r, seq_len),
-            loss_mask=flat("loss_mask").astype(np.uint8, copy=False).reshape(r, seq_len),
+            row_id=row_id,
+            input_ids=flat("input_ids").reshape(r, seq_len),
+            loss_mask=flat("loss_mask").reshape(r, seq_len),
             targets=targets,
         )
+
+
+def _schema(specs: tuple[ArraySpec, ...], seq_len: int) -> pa.Schema:
+    """The schema :meth:`ArrowBackend.serialize` writes."""
+    return pa.schema(
+        [
+            ("row_id", pa.int64()),
+            ("input_ids", pa.list_(pa.int32(), seq_len)),
+            ("loss_mask", pa.list_(pa.uint8(), seq_len)),
+            *((_column_name(s), pa.list_(pa.from_numpy_dtype(np.dtype(s.dtype)))) for s in specs),
+        ]
+    )
+
+
+def _check_schema(schema: pa.Schema, specs: tuple[ArraySpec, ...], seq_len: int) -> None:
+    """Every column we read must be there with the type we write (names and types only: a
+    file with more columns, or other metadata, still reads)."""
+    for want in _schema(specs, seq_len):
+        i = schema.get_field_index(want.name)
+        if i < 0:
+            raise CacheCorruptError(f"column {want.name} is missing")
+        got = schema.field(i).type
+        if not got.equals(want.type):
+            raise CacheCorruptError(f"column {want.name} has type {got}, expected {want.type}")

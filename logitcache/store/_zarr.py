@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import zarr
@@ -23,8 +24,9 @@ from zarr.core.buffer import Buffer
 from zarr.core.buffer.cpu import Buffer as CpuBuffer
 from zarr.storage import MemoryStore
 
+from logitcache.errors import CacheCorruptError
 from logitcache.format.codec import ArraySpec
-from logitcache.store.base import TARGETS_GROUP, ShardBackend, ShardData
+from logitcache.store.base import TARGETS_GROUP, ShardBackend, ShardData, decoding
 
 __all__ = ["ZarrBackend"]
 
@@ -32,6 +34,10 @@ _CHUNK_BYTES = 1 << 20
 _EMPTY = (1 << 64) - 1
 _ZSTD = Zstd()
 _CRC32C = CRC32C()
+# what the decoders raise on bad bytes: numcodecs' zstd and crc32c raise RuntimeError, zarr its
+# BaseZarrError (a ValueError) and KeyError for a missing node, json ValueError
+_CODEC_ERRORS: tuple[type[BaseException], ...] = (RuntimeError, ValueError)
+_ZARR_ERRORS: tuple[type[BaseException], ...] = (RuntimeError, ValueError, KeyError)
 
 
 def _write_array(group: zarr.Group, name: str, arr: np.ndarray, level: int) -> None:
@@ -85,7 +91,10 @@ class ZarrBackend(ShardBackend):
         arrays = {n: _read_fast(files, n) for n in names}
         if any(a is None for a in arrays.values()):  # not our layout: let zarr decode it
             store_dict: dict[str, Buffer] = {k: CpuBuffer.from_bytes(v) for k, v in files.items()}
-            root = zarr.open_group(MemoryStore(store_dict, read_only=True), mode="r", zarr_format=3)
+            with decoding("zarr group", _ZARR_ERRORS):
+                root = zarr.open_group(
+                    MemoryStore(store_dict, read_only=True), mode="r", zarr_format=3
+                )
             arrays = {n: a if a is not None else _read(root, n) for n, a in arrays.items()}
         full = {n: a for n, a in arrays.items() if a is not None}
         return ShardData(
@@ -109,43 +118,71 @@ def _read_fast(files: Mapping[str, bytes], name: str) -> np.ndarray | None:
     meta_key = f"{name}/zarr.json"
     if meta_key not in files:
         return None
-    meta = json.loads(files[meta_key])
-    codecs = meta.get("codecs", [])
-    if len(codecs) != 1 or codecs[0].get("name") != "sharding_indexed":
+    with decoding(meta_key, _CODEC_ERRORS):
+        meta = json.loads(files[meta_key])
+    layout = _fast_layout(meta)
+    if layout is None:
         return None
-    cfg = codecs[0]["configuration"]
-    inner, index_codecs = cfg.get("codecs", []), cfg.get("index_codecs", [])
-    if (
-        [c.get("name") for c in inner] != ["bytes", "zstd"]
-        or inner[0].get("configuration", {}).get("endian", "little") != "little"
-        or [c.get("name") for c in index_codecs] != ["bytes", "crc32c"]
-        or cfg.get("index_location", "end") != "end"
-        or meta.get("fill_value") != 0
-    ):
-        return None
-    shape = tuple(meta["shape"])
-    outer = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
-    chunk = tuple(cfg["chunk_shape"])
-    if not shape or outer[1:] != shape[1:] or chunk[1:] != shape[1:] or shape[0] > outer[0]:
-        return None
-    dtype = np.dtype(meta["data_type"]).newbyteorder("<")
-    n_chunks = outer[0] // chunk[0]
-    out = np.zeros((n_chunks * chunk[0], *shape[1:]), dtype=dtype)
+    shape, chunk0, n_chunks, dtype = layout
+    out = np.zeros((n_chunks * chunk0, *shape[1:]), dtype=dtype)
     blob = files.get(f"{name}/c/" + "/".join("0" * len(shape)))
     if blob is None:  # never written: all fill
         return out[: shape[0]]
     index_len = n_chunks * 16
-    index = np.frombuffer(_CRC32C.decode(blob[len(blob) - index_len - 4 :]), "<u8")
+    with decoding(f"{name} chunk index", _CODEC_ERRORS):
+        index = np.frombuffer(_CRC32C.decode(blob[len(blob) - index_len - 4 :]), "<u8")
+    if index.size != 2 * n_chunks:
+        raise CacheCorruptError(
+            f"{name}: chunk index holds {index.size // 2} chunks, not {n_chunks}"
+        )
     view = memoryview(blob)  # chunk slices without copying them
     for i, (off, nbytes) in enumerate(index.reshape(n_chunks, 2).tolist()):
         if off == _EMPTY:
             continue
-        _ZSTD.decode(view[off : off + nbytes], out=out[i * chunk[0] : (i + 1) * chunk[0]])
+        if off + nbytes > len(blob):
+            raise CacheCorruptError(f"{name}: chunk {i} lies past the end of its shard object")
+        with decoding(f"{name} chunk {i}", _CODEC_ERRORS):
+            _ZSTD.decode(view[off : off + nbytes], out=out[i * chunk0 : (i + 1) * chunk0])
     return out[: shape[0]]
 
 
+def _fast_layout(meta: Any) -> tuple[tuple[int, ...], int, int, np.dtype[Any]] | None:
+    """(shape, inner chunk length, inner chunks, dtype) when ``meta`` describes exactly the
+    layout :func:`_write_array` writes, else None (the general zarr path decides)."""
+    try:
+        codecs = meta.get("codecs", [])
+        if len(codecs) != 1 or codecs[0].get("name") != "sharding_indexed":
+            return None
+        cfg = codecs[0]["configuration"]
+        inner, index_codecs = cfg.get("codecs", []), cfg.get("index_codecs", [])
+        if (
+            [c.get("name") for c in inner] != ["bytes", "zstd"]
+            or inner[0].get("configuration", {}).get("endian", "little") != "little"
+            or [c.get("name") for c in index_codecs] != ["bytes", "crc32c"]
+            or cfg.get("index_location", "end") != "end"
+            or meta.get("fill_value") != 0
+        ):
+            return None
+        shape = tuple(int(x) for x in meta["shape"])
+        outer = tuple(int(x) for x in meta["chunk_grid"]["configuration"]["chunk_shape"])
+        chunk = tuple(int(x) for x in cfg["chunk_shape"])
+        dtype = np.dtype(meta["data_type"]).newbyteorder("<")
+    except (AttributeError, KeyError, IndexError, TypeError, ValueError):
+        return None  # foreign JSON (not ours, or damaged): not this layout
+    if (
+        not shape
+        or outer[1:] != shape[1:]
+        or chunk[1:] != shape[1:]
+        or shape[0] > outer[0]
+        or chunk[0] < 1
+    ):
+        return None
+    return shape, chunk[0], outer[0] // chunk[0], dtype
+
+
 def _read(root: zarr.Group, name: str) -> np.ndarray:
-    arr = root[name]
-    if not isinstance(arr, zarr.Array):
-        raise ValueError(f"{name} is not an array")
-    return np.asarray(arr[...])
+    with decoding(name, _ZARR_ERRORS):
+        arr = root[name]
+        if not isinstance(arr, zarr.Array):
+            raise CacheCorruptError(f"{name} is a group, not an array")
+        return np.asarray(arr[...])

@@ -16,12 +16,14 @@ disks and object stores and checksums are computed over exactly the bytes that a
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
 
+from logitcache.errors import CacheCorruptError
 from logitcache.format.codec import ArraySpec
 from logitcache.format.manifest import Backend
 
@@ -31,6 +33,7 @@ __all__ = [
     "ShardBackend",
     "ShardData",
     "concat_shards",
+    "decoding",
     "row_position_offsets",
     "shard_nbytes",
     "slice_rows",
@@ -72,6 +75,20 @@ class ShardBackend(ABC):
         self, files: Mapping[str, bytes], specs: tuple[ArraySpec, ...], seq_len: int
     ) -> ShardData:
         """Inverse of :meth:`serialize`; raises on malformed bytes (the reader names the shard)."""
+
+
+@contextmanager
+def decoding(what: str, errors: tuple[type[BaseException], ...]) -> Iterator[None]:
+    """Turn a third-party decoder's own exceptions (``errors``: zstd's, pyarrow's, zarr's) into
+    :class:`CacheCorruptError` naming ``what`` was being decoded.
+
+    Backends wrap *only* the decoder calls with it and check everything else explicitly, so an
+    exception from our own code between those calls is a bug and reaches the user with its type
+    and traceback, never as "the shard is damaged: re-dump"."""
+    try:
+        yield
+    except errors as e:
+        raise CacheCorruptError(f"{what}: {type(e).__name__}: {e}") from e
 
 
 def _offsets(counts: np.ndarray) -> np.ndarray:

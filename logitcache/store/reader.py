@@ -277,10 +277,10 @@ class CacheReader:
         rec = self.manifest.shards[index]
         try:
             data = self._backend.deserialize(files, self._specs, self.manifest.seq_len)
-        except Exception as e:  # any decoder failure means damaged bytes, never our data
+        except CacheCorruptError as e:  # the decoders' own errors only (see base.decoding)
             raise CacheCorruptError(
-                f"shard {rec.path}: cannot decode ({type(e).__name__}: {e}); the shard is "
-                "damaged: re-copy or re-dump the cache"
+                f"shard {rec.path}: cannot decode ({e}); the shard is damaged: re-copy or "
+                "re-dump the cache"
             ) from e
         self._check_structure(rec, data)
         return data

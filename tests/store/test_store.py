@@ -277,6 +277,25 @@ def test_flipped_byte_without_verification_is_still_caught_on_zarr(tmp_path: Pat
         CacheReader(str(url), verify=False).read_rows(0, 1)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_bug_in_our_decoder_is_not_reported_as_damage(
+    tmp_path: Path, backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only the decoders' own errors mean damaged bytes; ours keep their type and traceback."""
+    from logitcache.store import _arrow, _zarr
+
+    url = tmp_path / "c"
+    write_cache(str(url), header(backend), make_batches(3, 2, 3, 8, 4, 50))
+
+    def bug(*args: object, **kw: object) -> None:
+        raise TypeError("a bug in our decoder")
+
+    monkeypatch.setattr(_zarr, "_fast_layout", bug)
+    monkeypatch.setattr(_arrow, "_check_schema", bug)
+    with pytest.raises(TypeError, match="a bug in our decoder"):
+        CacheReader(str(url)).read_rows(0, 1)
+
+
 def test_truncated_shard(cache: Path) -> None:
     f = shard_file(cache)
     f.write_bytes(f.read_bytes()[:-7])
