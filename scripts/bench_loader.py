@@ -185,7 +185,7 @@ def train_wait_fraction(
         sub["kind"] = batch["kind"]
         h = model.emb(batch["input_ids"]).flatten(0, 1).index_select(0, sub["target_index"])
         h = h + model.mlp(h)
-        total, count = fused_linear_kd_loss(h, model.head.weight, None, teacher_targets(sub))
+        total, count = fused_linear_kd_loss(h, model.head.weight, teacher_targets(sub))
         opt.zero_grad(set_to_none=True)
         (total / count.clamp(min=1)).backward()
         opt.step()

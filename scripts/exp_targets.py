@@ -283,7 +283,6 @@ def train_arm(
             total, n = fused_linear_kd_loss(
                 h,
                 w,
-                None,
                 teacher_targets(batch),
                 batch["target_labels"],
                 loss=arm.loss,

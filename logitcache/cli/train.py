@@ -16,6 +16,7 @@ from click.core import ParameterSource
 
 from logitcache.cli._common import friendly_errors, parse_storage_options, storage_option
 from logitcache.errors import ConfigError
+from logitcache.loss import LOSS_NAMES
 
 __all__ = ["train"]
 
@@ -63,7 +64,7 @@ def _options(fn: Any) -> Any:
         ),
         click.option(
             "--loss",
-            type=click.Choice(["kl", "kl-renorm", "reverse-kl", "jsd", "sampled-ce"]),
+            type=click.Choice(LOSS_NAMES),
             help="KD loss (default kl: forward KL with a tail bucket).",
         ),
         click.option(

@@ -15,14 +15,16 @@ from logitcache.loss import functional, fused, modules, objectives, teachers
 from logitcache.loss.functional import kd_loss
 from logitcache.loss.fused import default_chunk_size, fused_linear_kd_loss
 from logitcache.loss.modules import FusedLinearKDLoss, SparseKDLoss
-from logitcache.loss.objectives import LOG_FLOOR, LOSS_NAMES, KDConfig
+from logitcache.loss.objectives import LOG_FLOOR, LOSS_NAMES, OBJECTIVES, KDConfig, Objective
 from logitcache.loss.teachers import SampledTeacher, TopKTeacher, tail_logprob_from_logprobs
 
 __all__ = [
     "LOG_FLOOR",
     "LOSS_NAMES",
+    "OBJECTIVES",
     "FusedLinearKDLoss",
     "KDConfig",
+    "Objective",
     "SampledTeacher",
     "SparseKDLoss",
     "TopKTeacher",

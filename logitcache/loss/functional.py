@@ -108,10 +108,10 @@ def kd_loss(
             f"logits must have shape [N, V]; got {list(logits.shape)}; "
             "fix: flatten batch and sequence, e.g. logits.flatten(0, -2)"
         )
-    n, vocab = logits.shape
+    n = logits.shape[0]
     index, count = select_positions(n, logits.device, mask, labels, ignore_index)
     teacher, labels = select_rows(teacher, labels, index, n)
-    tg = prepare_targets(cfg, teacher, labels, vocab)
+    tg = prepare_targets(cfg, teacher, labels)
     z = logits if index is None else logits.index_select(0, index)
     rows = student_row_losses(cfg, tg, z.to(compute_dtype(z.dtype)))
     return rows.sum(), count

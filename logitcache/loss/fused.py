@@ -84,7 +84,10 @@ def _chunk_grad(
 
 
 class _FusedLinearKD(torch.autograd.Function):
-    """``(hidden [n, H], weight [V, H], bias [V] | None) -> loss sum``; grads made in forward."""
+    """``(hidden [n, H], weight [V, H], bias [V] | None) -> loss sum``; grads made in forward.
+
+    Internal: the public argument order is :func:`fused_linear_kd_loss`'s.
+    """
 
     @staticmethod
     def forward(
@@ -155,11 +158,11 @@ class _FusedLinearKD(torch.autograd.Function):
 def fused_linear_kd_loss(
     hidden: Tensor,
     weight: Tensor,
-    bias: Tensor | None,
     teacher: TopKTeacher | SampledTeacher,
     labels: Tensor | None = None,
     mask: Tensor | None = None,
     *,
+    bias: Tensor | None = None,
     loss: str = "kl",
     temperature: float = 1.0,
     alpha: float = 0.0,
@@ -169,9 +172,17 @@ def fused_linear_kd_loss(
 ) -> tuple[Tensor, Tensor]:
     """Same as :func:`kd_loss` on ``logits = hidden @ weight.T + bias``, chunked over positions.
 
-    ``hidden [N, H]``, ``weight [V, H]``, ``bias [V]`` or None. Returns ``(sum, count)``.
+    ``hidden [N, H]`` and ``weight [V, H]`` stand where ``kd_loss`` takes ``logits``; the other
+    arguments come in ``kd_loss``'s order, ``bias [V]`` (or None) by keyword. Returns
+    ``(sum, count)``.
     """
     cfg = KDConfig(loss, temperature, alpha, beta, ignore_index)
+    if not isinstance(teacher, TopKTeacher | SampledTeacher):
+        raise ConfigError(
+            f"the third argument must be the teacher targets (TopKTeacher or SampledTeacher); "
+            f"got {type(teacher).__name__}; fix: call fused_linear_kd_loss(hidden, weight, "
+            "teacher, labels, mask, bias=bias), the order of kd_loss(logits, teacher, ...)"
+        )
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ConfigError(
             f"expected hidden [N, H] and weight [V, H] with the same H; got hidden "
@@ -185,7 +196,7 @@ def fused_linear_kd_loss(
     n, vocab = hidden.shape[0], weight.shape[0]
     index, count = select_positions(n, hidden.device, mask, labels, ignore_index)
     teacher, labels = select_rows(teacher, labels, index, n)
-    tg = prepare_targets(cfg, teacher, labels, vocab)
+    tg = prepare_targets(cfg, teacher, labels)
     h = hidden if index is None else hidden.index_select(0, index)
     rows = chunk_size or default_chunk_size(vocab)
     total = _FusedLinearKD.apply(h, weight, bias, cfg, tg, rows)

@@ -1,5 +1,9 @@
 """nn.Module wrappers: hold the loss settings, call the pure function, normalise once.
 
+Each ``forward`` takes the arguments of its function in the same order: ``SparseKDLoss()(logits,
+teacher, labels, mask)`` like ``kd_loss``, ``FusedLinearKDLoss()(hidden, weight, teacher, labels,
+mask, bias=...)`` like ``fused_linear_kd_loss`` (hidden and weight stand where logits stand).
+
 The pure functions return ``(sum, count)``; a module divides by ``max(count, 1)`` so that an
 all-masked batch gives 0 (with zero gradient) instead of 0/0. Callers that accumulate over
 micro-batches or ranks should use the functions and divide by their own global count.
@@ -84,18 +88,19 @@ class FusedLinearKDLoss(nn.Module):
         hidden: Tensor,
         weight: Tensor,
         teacher: TopKTeacher | SampledTeacher,
-        bias: Tensor | None = None,
         labels: Tensor | None = None,
         mask: Tensor | None = None,
+        *,
+        bias: Tensor | None = None,
     ) -> Tensor:
         c = self.config
         total, count = fused_linear_kd_loss(
             hidden,
             weight,
-            bias,
             teacher,
             labels,
             mask,
+            bias=bias,
             loss=c.loss,
             temperature=c.temperature,
             alpha=c.alpha,

@@ -15,6 +15,12 @@ both at temperature T and coarsened to the support ``I + tail``:
 
 The row loss is ``(1 - alpha) T^2 KD + alpha CE(label)`` where CE uses the logits at T=1.
 
+**Adding a loss is one entry in this file**: an :class:`Objective` in ``OBJECTIVES`` gives its
+name, one line of help, the per-entry terms (a function of teacher values ``lp``, student
+log-probs ``lq`` and the ``exists`` mask, all [n, j]), whether the tail bucket is one of the
+entries, which targets it needs, and optional extra validation. ``LOSS_NAMES``, ``KDConfig``'s
+checks, the trainer's config and the CLI's ``--loss`` choice and help all read the registry.
+
 Numerics: ``-inf`` (padding, empty tail) is replaced by the finite ``_NEG`` before any arithmetic,
 so ``0 * (-inf)`` never happens and no NaN reaches a gradient; the explicit masks then zero the
 terms that do not exist.
@@ -23,7 +29,9 @@ terms that do not exist.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -34,16 +42,91 @@ from logitcache.loss.teachers import SampledTeacher, TopKTeacher
 __all__ = [
     "LOG_FLOOR",
     "LOSS_NAMES",
+    "OBJECTIVES",
     "KDConfig",
+    "Objective",
     "PreparedTargets",
     "prepare_targets",
     "row_losses",
 ]
 
-LOSS_NAMES = ("kl", "kl-renorm", "reverse-kl", "jsd", "sampled-ce")
 LOG_FLOOR = -100.0
 _NEG = -1e30
-_TAIL_LOSSES = ("kl", "reverse-kl", "jsd")
+
+# Per-entry terms [n, j] of one objective: (config, teacher values, student log-probs, exists).
+Terms = Callable[["KDConfig", Tensor, Tensor, Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class Objective:
+    """One KD loss: its name, help line, per-entry terms and what it needs.
+
+    ``terms(cfg, lp, lq, exists)`` returns [n, j] terms whose sum over ``exists`` is the KD term of
+    each row. ``lp`` holds teacher log-probs at T (top-k) or estimator weights (sampled), ``lq``
+    the student's log-probs at the same entries; with ``tail=True`` the last column is the tail
+    bucket of both. ``targets`` is the teacher container the loss reads; ``check`` returns a
+    problem (with its fix) for settings this loss refuses, or None.
+    """
+
+    name: str
+    help: str
+    terms: Terms
+    tail: bool = False
+    targets: Literal["topk", "sampled"] = "topk"
+    check: Callable[[KDConfig], str | None] | None = None
+
+
+def _kl(cfg: KDConfig, lp: Tensor, lq: Tensor, exists: Tensor) -> Tensor:
+    return torch.exp(lp) * (lp - lq)
+
+
+def _kl_renorm(cfg: KDConfig, lp: Tensor, lq: Tensor, exists: Tensor) -> Tensor:
+    lp_n = lp - _masked_lse(lp, exists)[:, None]
+    lq_n = lq - _masked_lse(lq, exists)[:, None]
+    return torch.exp(lp_n) * (lp_n - lq_n)
+
+
+def _reverse_kl(cfg: KDConfig, lp: Tensor, lq: Tensor, exists: Tensor) -> Tensor:
+    return torch.exp(lq) * (lq - lp.clamp(min=LOG_FLOOR))
+
+
+def _jsd(cfg: KDConfig, lp: Tensor, lq: Tensor, exists: Tensor) -> Tensor:
+    b = cfg.beta
+    lm = torch.logaddexp(lp + math.log(b), lq + math.log1p(-b))
+    return b * torch.exp(lp) * (lp - lm) + (1 - b) * torch.exp(lq) * (lq - lm)
+
+
+def _jsd_check(cfg: KDConfig) -> str | None:
+    if 0.0 < cfg.beta < 1.0:
+        return None
+    return (
+        f"beta must be in (0, 1) for loss='jsd'; got {cfg.beta}; fix: use loss='kl' "
+        "for the beta -> 0 end (forward KL) or loss='reverse-kl' for beta -> 1"
+    )
+
+
+def _sampled_ce(cfg: KDConfig, lp: Tensor, lq: Tensor, exists: Tensor) -> Tensor:
+    return -(lp.clamp(min=0.0) * lq)  # lp holds the estimator weights here
+
+
+OBJECTIVES: dict[str, Objective] = {
+    o.name: o
+    for o in (
+        Objective("kl", "forward KL over the stored ids plus a tail bucket", _kl, tail=True),
+        Objective("kl-renorm", "KL renormalised over the stored ids (tail ignored)", _kl_renorm),
+        Objective("reverse-kl", "reverse KL over ids + tail (mode-seeking)", _reverse_kl, True),
+        Objective(
+            "jsd", "generalised JSD over ids + tail, mixed by beta", _jsd, True, check=_jsd_check
+        ),
+        Objective(
+            "sampled-ce",
+            "RS-KD cross-entropy estimate (sampled caches)",
+            _sampled_ce,
+            targets="sampled",
+        ),
+    )
+}
+LOSS_NAMES = tuple(OBJECTIVES)
 
 
 @dataclass(frozen=True)
@@ -57,9 +140,9 @@ class KDConfig:
     ignore_index: int = -100
 
     def __post_init__(self) -> None:
-        if self.loss not in LOSS_NAMES:
+        if self.loss not in OBJECTIVES:
             raise ConfigError(
-                f"unknown loss {self.loss!r}; expected one of {', '.join(LOSS_NAMES)}"
+                f"unknown loss {self.loss!r}; expected one of {', '.join(OBJECTIVES)}"
             )
         if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise ConfigError(f"temperature must be a positive number; got {self.temperature}")
@@ -68,16 +151,20 @@ class KDConfig:
                 f"alpha (weight of the hard-label cross-entropy) must be in [0, 1]; "
                 f"got {self.alpha}"
             )
-        if self.loss == "jsd" and not 0.0 < self.beta < 1.0:
-            raise ConfigError(
-                f"beta must be in (0, 1) for loss='jsd'; got {self.beta}; fix: use loss='kl' "
-                "for the beta -> 0 end (forward KL) or loss='reverse-kl' for beta -> 1"
-            )
+        check = self.objective.check
+        problem = None if check is None else check(self)
+        if problem:
+            raise ConfigError(problem)
+
+    @property
+    def objective(self) -> Objective:
+        """The registry entry of :attr:`loss`."""
+        return OBJECTIVES[self.loss]
 
     @property
     def with_tail(self) -> bool:
         """Whether the student's tail mass is needed (the tail-bucket losses)."""
-        return self.loss in _TAIL_LOSSES and self.alpha < 1.0
+        return self.objective.tail and self.alpha < 1.0
 
 
 @dataclass(frozen=True)
@@ -110,31 +197,23 @@ class PreparedTargets:
         )
 
 
-def _check_vocab(name: str, ids: Tensor, vocab: int) -> None:
-    if ids.numel() == 0:
-        return
-    lo, hi = int(ids.min()), int(ids.max())
-    if lo < 0 or hi >= vocab:
-        raise ConfigError(
-            f"{name} must lie in [0, {vocab}) (the student's vocabulary); got ids in [{lo}, {hi}]; "
-            "fix: the cache was dumped with a larger vocabulary or another tokenizer than this "
-            "student uses"
-        )
-
-
 def prepare_targets(
-    cfg: KDConfig, teacher: TopKTeacher | SampledTeacher, labels: Tensor | None, vocab: int
+    cfg: KDConfig, teacher: TopKTeacher | SampledTeacher, labels: Tensor | None
 ) -> PreparedTargets:
-    """Teacher targets at the config's temperature for the selected rows (no grad)."""
-    sampled = isinstance(teacher, SampledTeacher)
-    if sampled != (cfg.loss == "sampled-ce"):
-        want = "SampledTeacher" if cfg.loss == "sampled-ce" else "TopKTeacher"
+    """Teacher targets at the config's temperature for the selected rows (no grad).
+
+    Ids are not range-checked here: that would cost a host synchronisation per step on a GPU.
+    They are checked where they are decoded (``data.collate``, ``data.targets``: ids < the
+    cache's vocabulary) and the trainer refuses a student whose head is smaller than the cache's
+    vocabulary before the first step (``train.student.check_compatible``).
+    """
+    want = {"topk": TopKTeacher, "sampled": SampledTeacher}[cfg.objective.targets]
+    if not isinstance(teacher, want):
         raise ConfigError(
-            f"loss={cfg.loss!r} needs a {want}; got a {type(teacher).__name__}; fix: use "
-            "loss='sampled-ce' with sampled targets and a top-k loss with top-k targets"
+            f"loss={cfg.loss!r} needs a {want.__name__}; got a {type(teacher).__name__}; fix: "
+            "use loss='sampled-ce' with sampled targets and a top-k loss with top-k targets"
         )
     ids = teacher.ids.long()
-    _check_vocab("teacher ids", ids, vocab)
     if isinstance(teacher, SampledTeacher):
         values = teacher.weights(cfg.temperature)
         in_support = values > 0
@@ -149,7 +228,6 @@ def prepare_targets(
                 "given; fix: pass labels or set alpha=0"
             )
         labels = labels.long()
-        _check_vocab("labels", labels, vocab)
         if cfg.temperature == 1.0:
             ids = torch.cat([ids, labels[:, None]], dim=1)
             in_support = torch.cat([in_support, in_support.new_zeros(ids.shape[0], 1)], dim=1)
@@ -169,31 +247,16 @@ def _masked_lse(x: Tensor, keep: Tensor) -> Tensor:
 
 def _kd_rows(cfg: KDConfig, lq: Tensor, lt: Tensor, tg: PreparedTargets, k: int) -> Tensor:
     """The distillation term per row at temperature T (before T^2 and alpha)."""
-    valid = tg.in_support[:, :k]
+    exists = tg.in_support[:, :k]
     lp = _finite(tg.values.to(lq.dtype))
-    lq = torch.where(valid, lq, torch.zeros_like(lq))
-    if cfg.loss == "sampled-ce":
-        return -(lp.clamp(min=0.0) * lq).sum(-1)  # values are the weights here
-    if cfg.loss == "kl-renorm":
-        lp_n = lp - _masked_lse(lp, valid)[:, None]
-        lq_n = lq - _masked_lse(lq, valid)[:, None]
-        terms = torch.exp(lp_n) * (lp_n - lq_n)
-        return torch.where(valid, terms, torch.zeros_like(terms)).sum(-1)
-    # Tail-bucket losses: the tail class exists when the student has a complement to I.
-    has_tail = torch.isfinite(lt)
-    lt = torch.where(has_tail, lt, torch.full_like(lt, _NEG))
-    pt = _finite(tg.tail.to(lq.dtype))
-    lp_all = torch.cat([lp, pt[:, None]], dim=1)
-    lq_all = torch.cat([lq, lt[:, None]], dim=1)
-    exists = torch.cat([valid, has_tail[:, None]], dim=1)
-    if cfg.loss == "kl":
-        terms = torch.exp(lp_all) * (lp_all - lq_all)
-    elif cfg.loss == "reverse-kl":
-        terms = torch.exp(lq_all) * (lq_all - lp_all.clamp(min=LOG_FLOOR))
-    else:  # jsd
-        b = cfg.beta
-        lm = torch.logaddexp(lp_all + math.log(b), lq_all + math.log1p(-b))
-        terms = b * torch.exp(lp_all) * (lp_all - lm) + (1 - b) * torch.exp(lq_all) * (lq_all - lm)
+    lq = torch.where(exists, lq, torch.zeros_like(lq))
+    if cfg.objective.tail:  # the tail class exists when the student has a complement to I
+        has_tail = torch.isfinite(lt)
+        lt = torch.where(has_tail, lt, torch.full_like(lt, _NEG))
+        lp = torch.cat([lp, _finite(tg.tail.to(lq.dtype))[:, None]], dim=1)
+        lq = torch.cat([lq, lt[:, None]], dim=1)
+        exists = torch.cat([exists, has_tail[:, None]], dim=1)
+    terms = cfg.objective.terms(cfg, lp, lq, exists)
     return torch.where(exists, terms, torch.zeros_like(terms)).sum(-1)
 
 

@@ -11,8 +11,8 @@ The cache hands the loss one of two sparse views of the teacher at each position
 
 These are torch twins of the numpy containers in ``logitcache.format.targets`` (which this
 package must not import: ``loss`` is pure torch). They validate shapes and dtypes at construction
-and raise :class:`~logitcache.errors.ConfigError`; values (ids < vocab) are checked by the losses,
-which know the student's vocabulary.
+and raise :class:`~logitcache.errors.ConfigError`; id values are checked where they are decoded
+(the loader), not per step (a host synchronisation on a GPU).
 
 Temperature. Teacher log-probs at T are ``log p_T(i) = log p(i)/T - log Z_T`` with
 ``Z_T = sum_v p_v^(1/T)`` over the full vocabulary. With ``temperature_lognorm`` (= log Z_T)

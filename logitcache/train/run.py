@@ -41,7 +41,7 @@ from logitcache._distributed import init_process_group, resolve_device
 from logitcache.data import make_loader
 from logitcache.data.targets import teacher_targets
 from logitcache.errors import ConfigError
-from logitcache.loss import LOSS_NAMES, KDConfig, fused_linear_kd_loss, kd_loss
+from logitcache.loss import KDConfig, fused_linear_kd_loss, kd_loss
 from logitcache.store import CacheReader
 from logitcache.store.reader import LOCAL_CACHE_ENV, LOCAL_CACHE_SIZE_ENV
 from logitcache.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -107,8 +107,6 @@ class TrainConfig:
         p: list[str] = []
         if (self.student is None) == (self.student_config is None):
             p.append("give exactly one of student (a HF model dir) or student_config (a JSON)")
-        if self.loss not in LOSS_NAMES:
-            p.append(f"loss {self.loss!r} is not one of {', '.join(LOSS_NAMES)}")
         for name in ("batch_size", "grad_accum", "max_steps", "keep", "log_every"):
             if getattr(self, name) < 1:
                 p.append(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -414,7 +412,9 @@ def _micro_loss(
         if cfg.fused:
             hidden = net(batch["input_ids"]).flatten(0, 1).index_select(0, batch["target_index"])
             _, head = decoder_and_head(model)
-            total, _ = fused_linear_kd_loss(hidden, head.weight, head.bias, teacher, labels, **kw)
+            total, _ = fused_linear_kd_loss(
+                hidden, head.weight, teacher, labels, bias=head.bias, **kw
+            )
         else:
             total, _ = kd_loss(target_logits(net, batch), teacher, labels, **kw)
     return total.float()

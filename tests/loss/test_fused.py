@@ -46,7 +46,7 @@ def test_fused_equals_plain(loss, chunk, temperature, alpha, k):
     plain, count = kd_loss(hidden @ weight.t() + bias, teacher, labels, mask, **kw)
     grads_plain = torch.autograd.grad(plain, (hidden, weight, bias))
     fused, count_f = fused_linear_kd_loss(
-        hidden, weight, bias, teacher, labels, mask, chunk_size=chunk, **kw
+        hidden, weight, teacher, labels, mask, bias=bias, chunk_size=chunk, **kw
     )
     grads_fused = torch.autograd.grad(fused, (hidden, weight, bias))
     assert int(count) == int(count_f)
@@ -97,7 +97,7 @@ def test_fused_gradcheck_float64(loss):
     # gradcheck needs several backwards of one graph, which the fused Function refuses (it scales
     # its accumulators in place); so gradcheck the plain composition and pin fused to it in fp64.
     assert torch.autograd.gradcheck(plain, (hidden, weight, bias), eps=1e-6, atol=1e-5)
-    fused = fused_linear_kd_loss(hidden, weight, bias, teacher, labels, chunk_size=2, **kw)[0]
+    fused = fused_linear_kd_loss(hidden, weight, teacher, labels, bias=bias, chunk_size=2, **kw)[0]
     grads = torch.autograd.grad(fused, (hidden, weight, bias))
     ref = torch.autograd.grad(plain(hidden, weight, bias), (hidden, weight, bias))
     torch.testing.assert_close(fused, plain(hidden, weight, bias), rtol=1e-12, atol=1e-12)
@@ -107,7 +107,7 @@ def test_fused_gradcheck_float64(loss):
 
 def test_fused_second_backward_raises():
     hidden, weight, bias, teacher, _, _ = _case("kl", seed=6)
-    total, _ = fused_linear_kd_loss(hidden, weight, bias, teacher, chunk_size=9)
+    total, _ = fused_linear_kd_loss(hidden, weight, teacher, bias=bias, chunk_size=9)
     total.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="one backward"):
         total.backward()
@@ -116,14 +116,14 @@ def test_fused_second_backward_raises():
 def test_fused_all_masked_and_no_grad():
     hidden, weight, bias, teacher, _, _ = _case("kl", seed=4)
     out = FusedLinearKDLoss(chunk_size=7)(
-        hidden, weight, teacher, bias, mask=torch.zeros(N, dtype=torch.bool)
+        hidden, weight, teacher, mask=torch.zeros(N, dtype=torch.bool), bias=bias
     )
     out.backward()
     assert out.item() == 0.0
     for t in (hidden, weight, bias):
         assert t.grad is not None and torch.equal(t.grad, torch.zeros_like(t))
     with torch.no_grad():
-        total, count = fused_linear_kd_loss(hidden, weight, bias, teacher)
+        total, count = fused_linear_kd_loss(hidden, weight, teacher, bias=bias)
     assert torch.isfinite(total) and int(count) == N
 
 
@@ -131,8 +131,8 @@ def test_fused_config_errors_and_default_chunk():
     hidden, weight, bias, teacher, _, _ = _case("kl", seed=5)
     assert default_chunk_size(2**17) == 128 and default_chunk_size(10**9) == 1
     with pytest.raises(ConfigError, match="same H"):
-        fused_linear_kd_loss(hidden, weight.t(), None, teacher)
+        fused_linear_kd_loss(hidden, weight.t(), teacher)
     with pytest.raises(ConfigError, match="chunk_size"):
-        fused_linear_kd_loss(hidden, weight, bias, teacher, chunk_size=0)
+        fused_linear_kd_loss(hidden, weight, teacher, bias=bias, chunk_size=0)
     with pytest.raises(ConfigError, match="bias"):
-        fused_linear_kd_loss(hidden, weight, bias[:3], teacher)
+        fused_linear_kd_loss(hidden, weight, teacher, bias=bias[:3])
