@@ -357,7 +357,7 @@ def _convert(
     pos_off, entry_off, ids_flat, vals_flat, which = _targets_arrays(rb, layout)
     n_pos = np.diff(pos_off)
     widths = np.diff(entry_off)
-    k = k_fixed or int(widths.max(initial=1))
+    k = k_fixed or max(int(widths.max(initial=1)), 1)
     bad: dict[int, str] = {}
 
     def flag(rows: np.ndarray, column: str, why: str) -> None:
@@ -365,7 +365,6 @@ def _convert(
             bad.setdefault(int(r), f"column {column!r}: {why}")
 
     row_of_pos = np.repeat(np.arange(n), n_pos)
-    row_of_entry = np.repeat(row_of_pos, widths)
     lengths = np.diff(tok_off)
     flag(np.nonzero(n_pos > lengths)[0], which, "more target positions than input tokens")
     if config.seq_len is not None:
@@ -377,14 +376,20 @@ def _convert(
     tok_rows = np.repeat(np.arange(n), lengths)
     flag(tok_rows[(tokens_flat < 0) | (tokens_flat >= vocab)], layout.input_ids,
          f"token ids outside the vocabulary [0, {vocab})")  # fmt: skip
-    flag(row_of_entry[(ids_flat < 0) | (ids_flat >= vocab)], which,
-         f"ids outside the vocabulary [0, {vocab})")  # fmt: skip
-    flag(row_of_entry[~np.isfinite(vals_flat) & ~(vals_flat == -np.inf)], which,
-         "NaN or +inf values")  # fmt: skip
-    ids, vals, dup = _dense(ids_flat, vals_flat, entry_off, widths, k)
-    flag(row_of_pos[dup], which, "an id repeated within one position")
+    # only positions that will be targets are checked: a masked-out position may hold anything
+    live = widths > 0
+    if layout.loss_mask is not None:
+        live &= _position_mask(rb.column(layout.loss_mask), pos_off)
+    ids, vals, pad = _dense(ids_flat, vals_flat, entry_off, widths)
+    pad = np.isneginf(vals) if pad is None else pad | np.isneginf(vals)
+    oov = ((ids < 0) | (ids >= vocab)) & ~pad
+    flag(row_of_pos[oov.any(axis=1) & live], which, f"ids outside the vocabulary [0, {vocab})")
+    nan = np.isnan(vals) | np.isposinf(vals)
+    flag(row_of_pos[nan.any(axis=1) & live], which, "NaN or +inf values")
+    flag(row_of_pos[_repeats(ids, pad) & live], which, "an id repeated within one position")
+    ids, vals = _top(ids, np.where(nan, -np.inf, vals), k)
     lp, tail, over = _normalise(vals, widths, layout, rb, pos_off)
-    flag(row_of_pos[over], which, f"probabilities summing above 1 + {_SUM_EPS:g}")
+    flag(row_of_pos[over & live], which, f"probabilities summing above 1 + {_SUM_EPS:g}")
     if bad and not config.skip_bad_rows:
         row, why = min(bad.items())
         raise InputError(
@@ -393,9 +398,7 @@ def _convert(
         )
     keep_row = np.ones(n, dtype=bool)
     keep_row[list(bad)] = False
-    keep_pos = np.repeat(keep_row, n_pos) & (widths > 0)  # an empty position has no target
-    if layout.loss_mask is not None:
-        keep_pos &= _position_mask(rb.column(layout.loss_mask), pos_off)
+    keep_pos = np.repeat(keep_row, n_pos) & live
     rows = np.nonzero(keep_row)[0]
     per_row = np.bincount(row_of_pos[keep_pos], minlength=n)
     where = np.arange(len(row_of_pos)) - np.repeat(pos_off[:-1], n_pos)
@@ -477,25 +480,42 @@ def _token_ids(structs: Any) -> np.ndarray:
 
 
 def _dense(
-    ids_flat: np.ndarray, vals_flat: np.ndarray, entry_off: np.ndarray, widths: np.ndarray, k: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Ragged entries -> [P, k] ids / values (top-k by value, padded with -inf); and a [P] flag of
-    positions that repeat an id."""
+    ids_flat: np.ndarray, vals_flat: np.ndarray, entry_off: np.ndarray, widths: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Ragged entries -> [P, w] ids and values (w the widest position) and the [P, w] mask of
+    padding entries (id 0, value -inf); None when every position has w entries (a reshape)."""
     p = len(widths)
-    wmax = max(int(widths.max(initial=0)), k)
+    w = int(widths.max(initial=0))
+    if p and int(widths.min()) == w:
+        return ids_flat.reshape(p, w), vals_flat.reshape(p, w), None
     col = np.arange(len(ids_flat)) - np.repeat(entry_off[:-1], widths)
     row = np.repeat(np.arange(p), widths)
-    ids = np.zeros((p, wmax), dtype=np.int64)
-    vals = np.full((p, wmax), -np.inf)
+    ids = np.zeros((p, w), dtype=np.int64)
+    vals = np.full((p, w), -np.inf)
+    pad = np.ones((p, w), dtype=bool)
     ids[row, col] = ids_flat
-    vals[row, col] = np.where(np.isnan(vals_flat), -np.inf, vals_flat)
-    srt = np.sort(np.where(np.isneginf(vals), -1 - np.arange(wmax), ids), axis=1)
-    dup = np.any(srt[:, 1:] == srt[:, :-1], axis=1)
-    if wmax > k:
-        top = np.argsort(-vals, axis=1, kind="stable")[:, :k]
-        ids = np.take_along_axis(ids, top, axis=1)
-        vals = np.take_along_axis(vals, top, axis=1)
-    return ids, vals, dup
+    vals[row, col] = vals_flat
+    pad[row, col] = False
+    return ids, vals, pad
+
+
+def _repeats(ids: np.ndarray, pad: np.ndarray) -> np.ndarray:
+    """[P] flag of positions that hold an id twice (padding entries never count)."""
+    key = np.where(pad, -1 - np.arange(ids.shape[1], dtype=np.int32), ids.astype(np.int32))
+    srt = np.sort(key, axis=1)
+    return np.asarray((srt[:, 1:] == srt[:, :-1]).any(axis=1))
+
+
+def _top(ids: np.ndarray, vals: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` largest values per position (and their ids), padded with -inf to ``k``."""
+    p, w = ids.shape
+    if w > k:
+        top = np.argpartition(-vals, k - 1, axis=1)[:, :k]
+        return np.take_along_axis(ids, top, axis=1), np.take_along_axis(vals, top, axis=1)
+    if w < k:
+        ids = np.concatenate([ids, np.zeros((p, k - w), dtype=ids.dtype)], axis=1)
+        vals = np.concatenate([vals, np.full((p, k - w), -np.inf)], axis=1)
+    return ids, vals
 
 
 def _normalise(
