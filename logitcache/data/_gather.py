@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from logitcache.store.base import ShardData, row_position_offsets
+from logitcache.store.base import EncodedRows, row_position_offsets
 
 __all__ = [
     "ShardView",
@@ -37,15 +37,15 @@ class ShardView:
     """A loaded shard plus the offsets that index it; built once per shard and shared."""
 
     index: int
-    data: ShardData
+    data: EncodedRows
     pos_off: np.ndarray
     ent_off: np.ndarray | None
 
     @classmethod
-    def build(cls, index: int, data: ShardData, entry_count_array: str | None) -> ShardView:
+    def build(cls, index: int, data: EncodedRows, entry_count_array: str | None) -> ShardView:
         ent_off = None
         if entry_count_array is not None:
-            counts = data.targets[entry_count_array]
+            counts = data.encoded[entry_count_array]
             ent_off = np.zeros(counts.shape[0] + 1, dtype=np.int64)
             np.cumsum(counts, out=ent_off[1:])
         return cls(index, data, row_position_offsets(data.loss_mask), ent_off)
@@ -101,7 +101,7 @@ def gather_positions(
     dst_off = np.zeros(b + 1, dtype=np.int64)
     np.cumsum(kept_per_row, out=dst_off[1:])
     n = int(dst_off[-1])
-    first = views[int(shard[0])].data.targets if b else {}
+    first = views[int(shard[0])].data.encoded if b else {}
     dst_arrays = {
         name: np.empty((n, *first[name].shape[1:]), dtype=first[name].dtype)
         if out is None
@@ -123,7 +123,7 @@ def gather_positions(
         if whole_rows and len(sel) <= _SLICE_ROWS:
             # each row's positions are one contiguous run: memcpy slices beat a fancy gather
             for name in arrays:
-                arr, dst = view.data.targets[name], dst_arrays[name]
+                arr, dst = view.data.encoded[name], dst_arrays[name]
                 for r0, r1, d0 in zip(
                     starts.tolist(), ends.tolist(), dst_off[sel].tolist(), strict=True
                 ):
@@ -132,7 +132,7 @@ def gather_positions(
         whole = len(sel) == b
         dst_idx = None if whole else ragged_arange(dst_off[sel], kept_per_row[sel])
         for name in arrays:
-            arr = view.data.targets[name]
+            arr = view.data.encoded[name]
             if whole:
                 np.take(arr, src, axis=0, out=dst_arrays[name])
             else:

@@ -209,7 +209,7 @@ class Collator:
         """Top-k without a cut: the stored id deltas and codes, gathered straight into the
         (shared) batch buffer; the device decodes them (:class:`TargetDequantizer`)."""
         n = int(out["target_index"].shape[0])
-        first = views[int(shard[0])].data.targets
+        first = views[int(shard[0])].data.encoded
         names = self._compact_arrays
         specs = [(k, v.dtype, v.shape) for k, v in out.items()]
         specs += [(name, first[name].dtype, (n, *first[name].shape[1:])) for name in names]
@@ -283,7 +283,7 @@ class Collator:
         n = m.shape[0]
         width = max(1, int(m.max()) if n else 1)
         entry_arrays = [s.name for s in codec.array_specs() if s.level == "entry"]
-        first = views[int(shard[0])].data.targets
+        first = views[int(shard[0])].data.encoded
         flat = {e: np.zeros(n * width, dtype=first[e].dtype) for e in entry_arrays}
         pos_shard, src = batch_order_sources(shard, keep, sources)
         for s in sources:
@@ -294,7 +294,7 @@ class Collator:
             e_src = ragged_arange(ent_off[src[where]], m[where])
             e_dst = ragged_arange(where * width, m[where])
             for e in entry_arrays:
-                flat[e][e_dst] = views[s].data.targets[e][e_src]
+                flat[e][e_dst] = views[s].data.encoded[e][e_src]
         valid = np.arange(width)[None, :] < m[:, None]
         d = join_planes(flat["id_delta_lo"], flat["id_delta_hi"]).reshape(n, width)
         ids = np.empty((n, width), dtype=np.int32)

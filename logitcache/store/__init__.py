@@ -1,7 +1,7 @@
 """Shard stores: Zarr v3 and Arrow IPC backends behind one writer and one reader."""
 
 from logitcache.store.backends import BACKENDS
-from logitcache.store.base import ShardData
+from logitcache.store.base import EncodedRows
 from logitcache.store.finalize import finalize_cache
 from logitcache.store.header import CacheHeader
 from logitcache.store.reader import CacheReader, Rows, read_manifest
@@ -14,8 +14,8 @@ __all__ = [
     "CacheReader",
     "CacheWriter",
     "CopyReport",
+    "EncodedRows",
     "Rows",
-    "ShardData",
     "check_output",
     "copy_cache",
     "finalize_cache",

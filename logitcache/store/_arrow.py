@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from logitcache.errors import CacheCorruptError
 from logitcache.format.codec import ArraySpec
-from logitcache.store.base import TARGETS_GROUP, ShardBackend, ShardData, decoding
+from logitcache.store.base import TARGETS_GROUP, EncodedRows, ShardBackend, decoding
 
 __all__ = ["ArrowBackend"]
 
@@ -28,7 +28,7 @@ def _column_name(spec: ArraySpec) -> str:
     return f"{TARGETS_GROUP}/{spec.name}"
 
 
-def _row_offsets(data: ShardData, spec: ArraySpec, entry_counts: np.ndarray | None) -> np.ndarray:
+def _row_offsets(data: EncodedRows, spec: ArraySpec, entry_counts: np.ndarray | None) -> np.ndarray:
     """Start of each row's items in the flat array of ``spec`` (length R + 1, int64)."""
     per_row_pos = data.loss_mask.astype(np.int64).sum(axis=1)
     pos_off = np.zeros(data.num_rows + 1, dtype=np.int64)
@@ -50,11 +50,11 @@ class ArrowBackend(ShardBackend):
         self.entry_count_array = entry_count_array
 
     def serialize(
-        self, data: ShardData, specs: tuple[ArraySpec, ...], compression_level: int
+        self, data: EncodedRows, specs: tuple[ArraySpec, ...], compression_level: int
     ) -> dict[str, bytes]:
         r = data.num_rows
         seq_len = int(data.input_ids.shape[1]) if data.input_ids.ndim == 2 else 0
-        counts = data.targets.get(self.entry_count_array) if self.entry_count_array else None
+        counts = data.encoded.get(self.entry_count_array) if self.entry_count_array else None
         cols: dict[str, pa.Array] = {
             "row_id": pa.array(np.asarray(data.row_id, np.int64)),
             "input_ids": pa.FixedSizeListArray.from_arrays(
@@ -65,7 +65,7 @@ class ArrowBackend(ShardBackend):
             ),
         }
         for spec in specs:
-            flat = np.ascontiguousarray(data.targets[spec.name], dtype=spec.dtype).reshape(-1)
+            flat = np.ascontiguousarray(data.encoded[spec.name], dtype=spec.dtype).reshape(-1)
             off = _row_offsets(data, spec, counts)
             cols[_column_name(spec)] = pa.ListArray.from_arrays(
                 pa.array(off.astype(np.int32)), pa.array(flat)
@@ -81,7 +81,7 @@ class ArrowBackend(ShardBackend):
 
     def deserialize(
         self, files: Mapping[str, bytes], specs: tuple[ArraySpec, ...], seq_len: int
-    ) -> ShardData:
+    ) -> EncodedRows:
         with decoding("arrow file", (pa.ArrowException,)):
             table = pa.ipc.open_file(pa.BufferReader(files[""])).read_all()
         _check_schema(table.schema, specs, seq_len)
@@ -106,11 +106,11 @@ class ArrowBackend(ShardBackend):
             targets[spec.name] = arr.reshape(-1, *spec.inner_shape)
         with decoding("column row_id", (pa.ArrowException,)):
             row_id = np.asarray(table.column("row_id").to_numpy(), dtype=np.int64)
-        return ShardData(
+        return EncodedRows(
             row_id=row_id,
             input_ids=flat("input_ids").reshape(r, seq_len),
             loss_mask=flat("loss_mask").reshape(r, seq_len),
-            targets=targets,
+            encoded=targets,
         )
 
 

@@ -26,7 +26,7 @@ from zarr.storage import MemoryStore
 
 from logitcache.errors import CacheCorruptError
 from logitcache.format.codec import ArraySpec
-from logitcache.store.base import TARGETS_GROUP, ShardBackend, ShardData, decoding
+from logitcache.store.base import TARGETS_GROUP, EncodedRows, ShardBackend, decoding
 
 __all__ = ["ZarrBackend"]
 
@@ -66,7 +66,7 @@ class ZarrBackend(ShardBackend):
     single_file = False
 
     def serialize(
-        self, data: ShardData, specs: tuple[ArraySpec, ...], compression_level: int
+        self, data: EncodedRows, specs: tuple[ArraySpec, ...], compression_level: int
     ) -> dict[str, bytes]:
         store_dict: dict[str, Buffer] = {}
         root = zarr.open_group(MemoryStore(store_dict), mode="w", zarr_format=3)
@@ -80,13 +80,13 @@ class ZarrBackend(ShardBackend):
         )
         tg = root.create_group(TARGETS_GROUP)
         for spec in specs:
-            arr = np.ascontiguousarray(data.targets[spec.name], dtype=spec.dtype)
+            arr = np.ascontiguousarray(data.encoded[spec.name], dtype=spec.dtype)
             _write_array(tg, spec.name, arr, compression_level)
         return {k: v.to_bytes() for k, v in sorted(store_dict.items())}
 
     def deserialize(
         self, files: Mapping[str, bytes], specs: tuple[ArraySpec, ...], seq_len: int
-    ) -> ShardData:
+    ) -> EncodedRows:
         names = ["row_id", "input_ids", "loss_mask", *(f"{TARGETS_GROUP}/{s.name}" for s in specs)]
         arrays = {n: _read_fast(files, n) for n in names}
         if any(a is None for a in arrays.values()):  # not our layout: let zarr decode it
@@ -97,11 +97,11 @@ class ZarrBackend(ShardBackend):
                 )
             arrays = {n: a if a is not None else _read(root, n) for n, a in arrays.items()}
         full = {n: a for n, a in arrays.items() if a is not None}
-        return ShardData(
+        return EncodedRows(
             row_id=full["row_id"],
             input_ids=full["input_ids"],
             loss_mask=full["loss_mask"],
-            targets={s.name: full[f"{TARGETS_GROUP}/{s.name}"] for s in specs},
+            encoded={s.name: full[f"{TARGETS_GROUP}/{s.name}"] for s in specs},
         )
 
 

@@ -8,7 +8,7 @@ A shard is a run of whole rows. Logically it holds, for ``R`` rows of ``S`` posi
 
 Backends differ only in the physical layout (see ``docs/format.md``): Zarr v3 stores each array
 as one sharding-codec object of zstd-compressed inner chunks; Arrow IPC stores one record per
-row with each target array as a per-row list column. A backend turns a :class:`ShardData` into
+row with each target array as a per-row list column. A backend turns an :class:`EncodedRows` into
 ``{relative path: bytes}`` and back, entirely in memory, so the same code path serves local
 disks and object stores and checksums are computed over exactly the bytes that are written.
 """
@@ -30,8 +30,8 @@ from logitcache.format.manifest import Backend
 __all__ = [
     "ROW_ARRAYS",
     "TARGETS_GROUP",
+    "EncodedRows",
     "ShardBackend",
-    "ShardData",
     "concat_shards",
     "decoding",
     "row_position_offsets",
@@ -44,13 +44,20 @@ TARGETS_GROUP = "targets"
 
 
 @dataclass(frozen=True, eq=False)
-class ShardData:
-    """The decoded contents of one shard (or of a run of its rows)."""
+class EncodedRows:
+    """A run of whole rows as stored: a shard, or some of its rows.
+
+    The row arrays and the codec's arrays (``encoded``, by array name; still in the codec's
+    codes), exactly what a backend writes and reads back, with ``loss_mask`` as uint8 0/1. This
+    is the storage-side twin of the reader's :class:`~logitcache.store.reader.Rows`, which adds
+    the codec and decodes ``targets`` on demand: the store and the loader's gathers work on
+    codes, a user reading rows wants targets.
+    """
 
     row_id: np.ndarray
     input_ids: np.ndarray
     loss_mask: np.ndarray
-    targets: Mapping[str, np.ndarray]
+    encoded: Mapping[str, np.ndarray]
 
     @property
     def num_rows(self) -> int:
@@ -58,7 +65,7 @@ class ShardData:
 
 
 class ShardBackend(ABC):
-    """Serialise a :class:`ShardData` to files and back. Implementations are stateless."""
+    """Serialise a :class:`EncodedRows` to files and back. Implementations are stateless."""
 
     name: ClassVar[Backend]
     #: True when a shard is one file (its path), False when it is a directory of files
@@ -66,14 +73,14 @@ class ShardBackend(ABC):
 
     @abstractmethod
     def serialize(
-        self, data: ShardData, specs: tuple[ArraySpec, ...], compression_level: int
+        self, data: EncodedRows, specs: tuple[ArraySpec, ...], compression_level: int
     ) -> dict[str, bytes]:
         """Files of the shard keyed by path relative to the shard ("" for a single-file shard)."""
 
     @abstractmethod
     def deserialize(
         self, files: Mapping[str, bytes], specs: tuple[ArraySpec, ...], seq_len: int
-    ) -> ShardData:
+    ) -> EncodedRows:
         """Inverse of :meth:`serialize`; raises on malformed bytes (the reader names the shard)."""
 
 
@@ -103,14 +110,14 @@ def row_position_offsets(loss_mask: np.ndarray) -> np.ndarray:
 
 
 def slice_rows(
-    data: ShardData,
+    data: EncodedRows,
     start: int,
     stop: int,
     specs: tuple[ArraySpec, ...],
     entry_count_array: str | None,
     pos_off: np.ndarray | None = None,
     ent_off: np.ndarray | None = None,
-) -> ShardData:
+) -> EncodedRows:
     """Rows ``[start, stop)`` of ``data`` with exactly their positions and entries.
 
     ``pos_off``/``ent_off`` are the precomputed row->position and position->entry offsets
@@ -122,37 +129,37 @@ def slice_rows(
     e0 = e1 = 0
     if entry_count_array is not None:
         if ent_off is None:
-            ent_off = _offsets(data.targets[entry_count_array].astype(np.int64))
+            ent_off = _offsets(data.encoded[entry_count_array].astype(np.int64))
         e0, e1 = int(ent_off[p0]), int(ent_off[p1])
     targets = {
-        s.name: data.targets[s.name][p0:p1]
+        s.name: data.encoded[s.name][p0:p1]
         if s.level == "position"
-        else data.targets[s.name][e0:e1]
+        else data.encoded[s.name][e0:e1]
         for s in specs
     }
-    return ShardData(
+    return EncodedRows(
         row_id=data.row_id[start:stop],
         input_ids=data.input_ids[start:stop],
         loss_mask=data.loss_mask[start:stop],
-        targets=targets,
+        encoded=targets,
     )
 
 
-def concat_shards(parts: list[ShardData], specs: tuple[ArraySpec, ...]) -> ShardData:
+def concat_shards(parts: list[EncodedRows], specs: tuple[ArraySpec, ...]) -> EncodedRows:
     """Concatenate runs of rows (position- and entry-level arrays simply follow their rows)."""
-    return ShardData(
+    return EncodedRows(
         row_id=np.concatenate([p.row_id for p in parts]),
         input_ids=np.concatenate([p.input_ids for p in parts]),
         loss_mask=np.concatenate([p.loss_mask for p in parts]),
-        targets={s.name: np.concatenate([p.targets[s.name] for p in parts]) for s in specs},
+        encoded={s.name: np.concatenate([p.encoded[s.name] for p in parts]) for s in specs},
     )
 
 
-def shard_nbytes(data: ShardData) -> int:
+def shard_nbytes(data: EncodedRows) -> int:
     """Raw (uncompressed) bytes of a shard's arrays: what the writer's shard size bounds."""
     return int(
         data.row_id.nbytes
         + data.input_ids.nbytes
         + data.loss_mask.nbytes
-        + sum(a.nbytes for a in data.targets.values())
+        + sum(a.nbytes for a in data.encoded.values())
     )

@@ -46,7 +46,7 @@ from logitcache.format.manifest import MANIFEST_NAME, FileRecord, Manifest, Shar
 from logitcache.store._fs import Location, open_location
 from logitcache.store._localcache import LocalShardCache, SmallFileMemo, parse_size
 from logitcache.store.backends import backend_for
-from logitcache.store.base import ShardData, concat_shards, row_position_offsets, slice_rows
+from logitcache.store.base import EncodedRows, concat_shards, row_position_offsets, slice_rows
 from logitcache.store.header import PARTS_DIR, PROGRESS_DIR
 
 __all__ = ["CacheReader", "Rows", "read_manifest"]
@@ -59,7 +59,9 @@ _REFETCHES = 2  # extra fetches of a remote file whose bytes fail their check
 
 @dataclass(frozen=True, eq=False)
 class Rows:
-    """A run of rows: row arrays, their encoded targets, and (lazily) the decoded targets.
+    """A run of rows as the reader serves it: an :class:`~logitcache.store.base.EncodedRows`
+    with its codec attached (``encoded`` as stored, ``targets`` decoded on first use) and
+    ``loss_mask`` as bool.
 
     ``position_offsets[r]:position_offsets[r + 1]`` are row r's positions in the target arrays;
     within a row they are the positions where ``loss_mask`` is true, in order.
@@ -149,7 +151,7 @@ class CacheReader:
         self._count_array = self.codec.entry_count_array
         self.shard_row_offsets = np.zeros(len(self.manifest.shards) + 1, dtype=np.int64)
         np.cumsum([s.rows for s in self.manifest.shards], out=self.shard_row_offsets[1:])
-        self._cache: OrderedDict[int, tuple[ShardData, np.ndarray]] = OrderedDict()
+        self._cache: OrderedDict[int, tuple[EncodedRows, np.ndarray]] = OrderedDict()
         self._max_cached = max_cached_shards
         self._verified: set[int] = set()
         self._lock = threading.Lock()
@@ -249,11 +251,11 @@ class CacheReader:
                     "damaged; re-copy or re-dump the cache"
                 )
 
-    def load_shard(self, index: int) -> ShardData:
+    def load_shard(self, index: int) -> EncodedRows:
         """Shard ``index`` decoded to numpy (codes, not decoded targets); cached."""
         return self._load(index)[0]
 
-    def _load(self, index: int) -> tuple[ShardData, np.ndarray]:
+    def _load(self, index: int) -> tuple[EncodedRows, np.ndarray]:
         if not 0 <= index < self.num_shards:
             raise IndexError(f"shard index {index} out of range [0, {self.num_shards})")
         with self._lock:
@@ -272,7 +274,7 @@ class CacheReader:
                 self._cache.popitem(last=False)
         return entry
 
-    def decode_shard_files(self, index: int, files: Mapping[str, bytes]) -> ShardData:
+    def decode_shard_files(self, index: int, files: Mapping[str, bytes]) -> EncodedRows:
         """Decode shard ``index`` from its raw files and check it against the manifest."""
         rec = self.manifest.shards[index]
         try:
@@ -285,7 +287,7 @@ class CacheReader:
         self._check_structure(rec, data)
         return data
 
-    def _check_structure(self, rec: ShardRecord, data: ShardData) -> None:
+    def _check_structure(self, rec: ShardRecord, data: EncodedRows) -> None:
         def bad(msg: str) -> CacheCorruptError:
             return CacheCorruptError(f"shard {rec.path}: {msg}; re-copy or re-dump the cache")
 
@@ -300,12 +302,12 @@ class CacheReader:
         if positions != rec.positions:
             raise bad(f"loss_mask selects {positions} positions, manifest says {rec.positions}")
         entries = (
-            int(data.targets[self._count_array].astype(np.int64).sum()) if self._count_array else 0
+            int(data.encoded[self._count_array].astype(np.int64).sum()) if self._count_array else 0
         )
         if entries != rec.entries:
             raise bad(f"holds {entries} target entries, manifest says {rec.entries}")
         for spec in self._specs:
-            arr = data.targets[spec.name]
+            arr = data.encoded[spec.name]
             want = (positions if spec.level == "position" else entries, *spec.inner_shape)
             if arr.shape != want:
                 raise bad(f"targets/{spec.name} has shape {arr.shape}, expected {want}")
@@ -325,7 +327,7 @@ class CacheReader:
             raise IndexError(f"rows [{start}, {stop}) out of range [0, {self.num_rows}]")
         if start == stop:
             return self._rows(self._empty())
-        parts: list[ShardData] = []
+        parts: list[EncodedRows] = []
         i = start
         while i < stop:
             shard, local = self.locate(i)
@@ -337,21 +339,21 @@ class CacheReader:
             i += n
         return self._rows(parts[0] if len(parts) == 1 else concat_shards(parts, self._specs))
 
-    def _empty(self) -> ShardData:
+    def _empty(self) -> EncodedRows:
         s = self.manifest.seq_len
-        return ShardData(
+        return EncodedRows(
             row_id=np.zeros(0, np.int64),
             input_ids=np.zeros((0, s), np.int32),
             loss_mask=np.zeros((0, s), np.uint8),
-            targets={sp.name: np.zeros((0, *sp.inner_shape), sp.dtype) for sp in self._specs},
+            encoded={sp.name: np.zeros((0, *sp.inner_shape), sp.dtype) for sp in self._specs},
         )
 
-    def _rows(self, d: ShardData) -> Rows:
+    def _rows(self, d: EncodedRows) -> Rows:
         return Rows(
             row_id=d.row_id,
             input_ids=d.input_ids,
             loss_mask=d.loss_mask.astype(bool),
-            encoded=d.targets,
+            encoded=d.encoded,
             codec=self.codec,
         )
 
@@ -392,15 +394,15 @@ class CacheReader:
             return None
         j = int(rows.loss_mask[0, :position].sum())
         one = slice_rows(_positions_as_rows(rows), j, j + 1, self._specs, self._count_array)
-        return self.codec.decode(one.targets)
+        return self.codec.decode(one.encoded)
 
 
-def _positions_as_rows(rows: Rows) -> ShardData:
+def _positions_as_rows(rows: Rows) -> EncodedRows:
     """View a row's positions as rows of length 1, so slice_rows can cut single positions."""
     p = int(rows.position_offsets[-1])
-    return ShardData(
+    return EncodedRows(
         row_id=np.arange(p, dtype=np.int64),
         input_ids=np.zeros((p, 1), np.int32),
         loss_mask=np.ones((p, 1), np.uint8),
-        targets=rows.encoded,
+        encoded=rows.encoded,
     )

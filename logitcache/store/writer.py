@@ -47,7 +47,7 @@ from logitcache.store._fs import Location, open_location
 from logitcache.store._lock import WriterLock
 from logitcache.store.backends import backend_for
 from logitcache.store.base import (
-    ShardData,
+    EncodedRows,
     concat_shards,
     row_position_offsets,
     shard_nbytes,
@@ -147,7 +147,7 @@ class CacheWriter:
         self._backend = backend_for(header.backend, header.codec)
         self._specs = header.codec.array_specs()
         self._count_array = header.codec.entry_count_array
-        self._buffer: list[ShardData] = []
+        self._buffer: list[EncodedRows] = []
         self._buffer_bytes = 0
         self._shards: list[ShardRecord] = []
         self._coverage = CoverageSum()
@@ -195,7 +195,7 @@ class CacheWriter:
 
     def _validate(
         self, row_id: np.ndarray, input_ids: np.ndarray, loss_mask: np.ndarray, targets: Targets
-    ) -> ShardData:
+    ) -> EncodedRows:
         h = self.header
         row_id = np.asarray(row_id)
         input_ids = np.asarray(input_ids)
@@ -221,11 +221,11 @@ class CacheWriter:
                 f"targets hold {targets.num_positions} positions but loss_mask selects "
                 f"{int(mask.sum())}; pass targets for exactly the masked positions, row-major"
             )
-        return ShardData(
+        return EncodedRows(
             row_id=row_id.astype(np.int64),
             input_ids=input_ids.astype(np.int32),
             loss_mask=mask.astype(np.uint8),
-            targets=self.header.codec.encode(targets),
+            encoded=self.header.codec.encode(targets),
         )
 
     def _flush_one(self, final: bool = False) -> None:
@@ -243,7 +243,7 @@ class CacheWriter:
         self._buffer = [tail] if tail.num_rows else []
         self._buffer_bytes = shard_nbytes(tail)
 
-    def _write_shard(self, data: ShardData) -> None:
+    def _write_shard(self, data: EncodedRows) -> None:
         path = shard_name(len(self._shards), self._prefix, self.header.backend)
         files = self._backend.serialize(data, self._specs, self.header.compression_level)
         records = tuple(
@@ -255,7 +255,7 @@ class CacheWriter:
         else:
             self.loc.write_tree_atomic(path, files)
         entries = (
-            int(data.targets[self._count_array].astype(np.int64).sum()) if self._count_array else 0
+            int(data.encoded[self._count_array].astype(np.int64).sum()) if self._count_array else 0
         )
         self._shards.append(
             ShardRecord(
@@ -392,7 +392,7 @@ def check_output(
         _clear_output(loc)
 
 
-def _row_bytes(data: ShardData, specs: Sequence[Any], count_array: str | None) -> np.ndarray:
+def _row_bytes(data: EncodedRows, specs: Sequence[Any], count_array: str | None) -> np.ndarray:
     """Raw bytes each row contributes (row arrays + its positions + its entries)."""
     fixed = data.row_id.itemsize + data.input_ids[:1].nbytes + data.loss_mask[:1].nbytes
     per_pos = sum(
@@ -405,6 +405,6 @@ def _row_bytes(data: ShardData, specs: Sequence[Any], count_array: str | None) -
     if count_array is not None:
         per_entry = sum(np.dtype(s.dtype).itemsize for s in specs if s.level == "entry")
         pos_off = row_position_offsets(data.loss_mask)
-        ent = np.concatenate([[0], np.cumsum(data.targets[count_array].astype(np.int64))])
+        ent = np.concatenate([[0], np.cumsum(data.encoded[count_array].astype(np.int64))])
         out = out + (ent[pos_off[1:]] - ent[pos_off[:-1]]) * per_entry
     return np.asarray(out, dtype=np.int64)

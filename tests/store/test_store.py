@@ -580,3 +580,18 @@ def test_zarr_fast_path_equals_zarr(tmp_path: Path) -> None:
     blob[-10] ^= 0xFF
     with pytest.raises(Exception, match=r"(?i)checksum|crc"):
         _read_fast({**files, key: bytes(blob)}, "loss_mask")
+
+
+def test_one_spelling_for_encoded_arrays(cache: Path) -> None:
+    """A shard as stored (EncodedRows) and rows as served (Rows) both call the codec's arrays
+    ``encoded``; only Rows has decoded ``targets``."""
+    from logitcache.store import EncodedRows, Rows
+
+    r = CacheReader(str(cache))
+    stored = r.load_shard(0)
+    rows = r.read_rows(0, stored.num_rows)
+    assert isinstance(stored, EncodedRows) and isinstance(rows, Rows)
+    assert not hasattr(stored, "targets")
+    for name, arr in stored.encoded.items():
+        assert np.array_equal(rows.encoded[name], arr)
+    assert rows.targets.num_positions == int(stored.loss_mask.sum())
