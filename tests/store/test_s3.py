@@ -1,6 +1,7 @@
 """Caches on a real S3-compatible server (moto on loopback), with faults injected by a proxy:
 commit-safe writes, the writer lock, retries that never yield wrong bytes, the local cache,
-cp and merge, and the CLI end to end (dump -> verify -> info -> train) against s3:// URLs."""
+and the CLI end to end (dump -> verify -> info -> train) against s3:// URLs. cp and merge run on
+every store, S3 included, in ``test_share_suite.py``."""
 
 # ruff: noqa: F811  (pytest fixtures imported from s3_testing and requested by name)
 from __future__ import annotations
@@ -10,7 +11,6 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 from click.testing import CliRunner
 from s3_testing import (  # noqa: F401 (fixtures are used by name)
@@ -23,19 +23,15 @@ from s3_testing import (  # noqa: F401 (fixtures are used by name)
     s3_options,
     s3_proxy,
 )
-from synth import topk_targets
 from test_store import header, make_batches, write_cache
 
 from logitcache.cli import cli
 from logitcache.errors import (
     CacheLockedError,
     ChecksumMismatchError,
-    ConfigError,
-    ManifestError,
     StorageError,
-    WriterError,
 )
-from logitcache.store import CacheReader, CacheWriter, copy_cache, merge_caches
+from logitcache.store import CacheReader, CacheWriter
 from logitcache.store.reader import LOCAL_CACHE_ENV
 
 BATCHES = make_batches(3, 6, 4, 8, 4, 50)
@@ -56,13 +52,6 @@ def rows_of(url: str, **kw: Any) -> dict[int, tuple[bytes, bytes]]:
 
 def cli_options(opts: dict[str, Any]) -> list[str]:
     return [f"--storage-option={k}={json.dumps(v)}" for k, v in opts.items()]
-
-
-@pytest.fixture(scope="module")
-def local_arrow(tmp_path_factory: pytest.TempPathFactory) -> str:
-    url = str(tmp_path_factory.mktemp("local") / "c")
-    write_cache(url, header("arrow"), BATCHES)
-    return url
 
 
 @pytest.fixture(scope="module")
@@ -247,58 +236,6 @@ def test_local_cache_serves_verified_entries_within_its_bound(
     monkeypatch.setenv(LOCAL_CACHE_ENV, str(lc))
     result = CliRunner().invoke(cli, ["verify", url, *cli_options(opts)])
     assert result.exit_code != 0 and "shards/00001" in result.output
-
-
-def test_cp_verifies_resumes_and_keeps_the_digest(
-    bucket: str, moto_s3: MotoS3, s3_proxy: FaultProxy, local_arrow: str, tmp_path: Path
-) -> None:
-    opts = s3_options(s3_proxy.endpoint)
-    dst = f"s3://{bucket}/copy"
-    digest = CacheReader(local_arrow).manifest.content_digest
-    with pytest.raises(ManifestError, match="expected sha256:00"):
-        copy_cache(local_arrow, dst, dst_options=opts, expect_digest="00" * 32)
-    s3_proxy.add(Fault("PUT", "/copy/shards/00002.arrow", 503, times=1000))
-    with pytest.raises(StorageError):
-        copy_cache(local_arrow, dst, dst_options=opts, workers=2)
-    assert "copy/manifest.json" not in moto_s3.keys(bucket, "copy/")
-    s3_proxy.clear()
-    report = copy_cache(local_arrow, dst, dst_options=opts, expect_digest=digest)
-    assert report.files_skipped > 0 and report.files_copied > 0
-    assert report.content_digest == digest
-    assert rows_of(dst, storage_options=opts) == rows_of(local_arrow)
-    again = copy_cache(local_arrow, dst, dst_options=opts)
-    assert again.files_copied == 0
-    back = str(tmp_path / "back")  # and back down, through the CLI
-    r = CliRunner().invoke(
-        cli,
-        ["cp", dst, back, "--expect-digest", digest, *cli_options(opts)],
-    )
-    assert r.exit_code == 0, r.output
-    assert CacheReader(back).manifest.content_digest == digest
-
-
-def test_merge_joins_disjoint_caches_and_refuses_mismatches(
-    bucket: str, moto_s3: MotoS3, tmp_path: Path, local_arrow: str
-) -> None:
-    opts = s3_options(moto_s3.endpoint)
-    a, b = f"s3://{bucket}/a", f"s3://{bucket}/b"
-    write_cache(a, header("arrow"), BATCHES[:3], storage_options=opts)
-    write_cache(b, header("arrow"), BATCHES[3:], storage_options=opts)
-    out = f"s3://{bucket}/merged"
-    m = merge_caches(out, [a, b], storage_options=opts)
-    assert m.num_rows == 24
-    assert rows_of(out, storage_options=opts) == rows_of(local_arrow)
-    with pytest.raises(WriterError, match="already holds a committed cache"):
-        merge_caches(out, [a, b], storage_options=opts)
-    with pytest.raises(ConfigError, match=r"row id 1000 is in both"):
-        merge_caches(f"s3://{bucket}/m2", [a, local_arrow], storage_options=opts)
-    other = str(tmp_path / "k5")
-    rng = np.random.default_rng(0)
-    with CacheWriter(other, header("arrow", k=5)) as w:
-        mask = np.ones((2, 8), bool)
-        w.write(np.arange(2) + 5000, np.zeros((2, 8), int), mask, topk_targets(rng, 16, 5, 50))
-    with pytest.raises(ConfigError, match=r"differ in targets.k \(4 vs 5\)"):
-        merge_caches(f"s3://{bucket}/m3", [a, other], storage_options=opts)
 
 
 def test_loader_workers_read_an_s3_cache(bucket: str, moto_s3: MotoS3, local_cache: str) -> None:
