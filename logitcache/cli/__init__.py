@@ -13,7 +13,7 @@ from logitcache.cli.cache import cp, finalize, info, merge, verify
 from logitcache.cli.demo import demo
 from logitcache.cli.dump import dump
 from logitcache.cli.train import train
-from logitcache.cli.transform import export_command, import_command
+from logitcache.cli.transform import export_command, import_command, mix_command
 
 __all__ = ["cli", "main"]
 
@@ -26,7 +26,17 @@ def cli() -> None:
 
 
 for _command in (
-    dump, train, info, verify, finalize, cp, merge, import_command, export_command, demo
+    dump,
+    train,
+    info,
+    verify,
+    finalize,
+    cp,
+    merge,
+    import_command,
+    export_command,
+    mix_command,
+    demo,
 ):
     cli.add_command(_command)
 

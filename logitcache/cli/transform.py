@@ -1,4 +1,5 @@
-"""``logitcache import`` and ``logitcache export``: caches from and to other tools' layouts."""
+"""``logitcache import``, ``export`` and ``mix``: caches from and to other tools' layouts, and
+several teachers' caches into one."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import click
 from logitcache.cli._common import friendly_errors, parse_storage_options, storage_option
 from logitcache.transform.layouts import LAYOUTS, Layout
 
-__all__ = ["export_command", "import_command"]
+__all__ = ["export_command", "import_command", "mix_command"]
 
 _LAYOUT_HELP = "; ".join(f"{name}: {layout.description}" for name, layout in LAYOUTS.items())
 
@@ -123,3 +124,41 @@ def export_command(
         f"file(s) in {out}: {res.bytes:,} bytes ({res.bytes / max(res.positions, 1):.1f} "
         "bytes/token)"
     )
+
+
+@click.command("mix")
+@click.argument("out")
+@click.argument("sources", nargs=-1, required=True)
+@click.option(
+    "--weights",
+    help="Comma-separated weight per source (normalised to sum 1; default equal), e.g. 0.7,0.3.",
+)
+@click.option("--k", type=int, help="Ids kept per position (default: the largest source k).")
+@click.option("--overwrite", is_flag=True, help="Replace the cache at OUT.")
+@storage_option
+@friendly_errors
+def mix_command(
+    out: str,
+    sources: tuple[str, ...],
+    weights: str | None,
+    k: int | None,
+    overwrite: bool,
+    storage_options: tuple[str, ...],
+) -> None:
+    """Mix the top-k caches SOURCES of several teachers over the same rows into one cache OUT:
+    the union of ids with the weighted probabilities, re-cut to k, the rest in the tail."""
+    from logitcache.transform.mix import mix_caches
+
+    try:
+        parsed = [float(x) for x in weights.split(",")] if weights else None
+    except ValueError as e:
+        raise click.BadParameter(f"expected numbers separated by commas ({e})") from e
+    result = mix_caches(
+        out,
+        list(sources),
+        parsed,
+        k=k,
+        storage_options=parse_storage_options(storage_options),
+        overwrite=overwrite,
+    )
+    click.echo(result.summary())
