@@ -24,9 +24,14 @@ __all__ = ["train"]
 def _read_config(path: str) -> dict[str, Any]:
     p = Path(path)
     try:
-        text = p.read_text()
+        text = p.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"--config {path}: cannot read it ({e})") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"--config {path}: not a text file (byte {e.start} is not UTF-8); give a .json or "
+            ".yaml file of settings"
+        ) from None
     if p.suffix in (".yaml", ".yml"):
         try:
             import yaml  # type: ignore[import-untyped]
@@ -35,12 +40,21 @@ def _read_config(path: str) -> dict[str, Any]:
                 f"--config {path}: reading YAML needs PyYAML (pip install pyyaml), "
                 "or use a .json config"
             ) from e
-        data = yaml.safe_load(text)
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:  # includes the refused !!python tags (ConstructorError)
+            why = " ".join(str(e).split())
+            raise ConfigError(
+                f"--config {path}: not plain YAML settings ({why}); python tags are refused: "
+                "write plain values"
+            ) from None
     else:
         try:
             data = json.loads(text)
         except ValueError as e:
-            raise ConfigError(f"--config {path}: not valid JSON ({e})") from e
+            raise ConfigError(
+                f"--config {path}: not valid JSON ({e}); settings files are .json, or .yaml/.yml"
+            ) from None
     if not isinstance(data, dict):
         raise ConfigError(
             f"--config {path}: expected a mapping of settings, got {type(data).__name__}"

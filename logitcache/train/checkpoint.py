@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -27,7 +28,7 @@ from torch import nn
 
 from logitcache.errors import ConfigError
 
-__all__ = ["latest_checkpoint", "load_checkpoint", "save_checkpoint"]
+__all__ = ["latest_checkpoint", "load_checkpoint", "pickle_refused", "save_checkpoint"]
 
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 
@@ -66,6 +67,25 @@ def save_checkpoint(
     for old in steps[: max(0, len(steps) - keep)]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def pickle_refused(where: str, error: pickle.UnpicklingError) -> ConfigError:
+    """One line for a file that ``torch.load(weights_only=True)`` refused (instead of torch's
+    page that ends "please file an issue"): which file, why, and the fix."""
+    lines = [x.strip() for x in str(error).splitlines() if x.strip()]
+    why = next((x for x in lines if "GLOBAL" in x or "global" in x), lines[-1] if lines else "")
+    return ConfigError(
+        f"{where}: refused to load: it holds pickled Python objects beyond tensors and numbers, "
+        f"which could run code when loaded ({why.rstrip('.')}); logitcache never writes such "
+        "files: replace it with one you trust"
+    )
+
+
+def _load(path: Path) -> Any:
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise pickle_refused(f"checkpoint file {path}", e) from None
 
 
 def latest_checkpoint(root: Path) -> Path | None:
@@ -108,9 +128,9 @@ def load_checkpoint(
             f"checkpoint {path} does not match the student: missing {sorted(missing)[:3]}, "
             f"unexpected {sorted(unexpected)[:3]}"
         )
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    rng = torch.load(path / "rng.pt", weights_only=True)
+    optimizer.load_state_dict(_load(path / "optimizer.pt"))
+    scheduler.load_state_dict(_load(path / "scheduler.pt"))
+    rng = _load(path / "rng.pt")
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])

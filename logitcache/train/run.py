@@ -26,7 +26,6 @@ import hashlib
 import json
 import math
 import os
-import sys
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import astuple, dataclass, field, fields
@@ -46,6 +45,7 @@ from logitcache.store import CacheReader
 from logitcache.store.reader import LOCAL_CACHE_ENV, LOCAL_CACHE_SIZE_ENV
 from logitcache.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from logitcache.train.evaluate import evaluate
+from logitcache.train.output import MetricsLog, check_out_dir, check_previous_run
 from logitcache.train.student import (
     Student,
     check_compatible,
@@ -169,18 +169,6 @@ class TrainConfig:
 # -- set-up ---------------------------------------------------------------------------------
 
 
-def _check_out_dir(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(
-            f"output directory {out} is not writable ({e}); choose another --out"
-        ) from e
-
-
 def _schedule(cfg: TrainConfig) -> Any:
     def factor(step: int) -> float:
         if cfg.warmup_steps and step < cfg.warmup_steps:
@@ -227,7 +215,8 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     rank, world = astuple(init_process_group(device))
     out = Path(cfg.out)
     if rank == 0:
-        _check_out_dir(out)
+        check_out_dir(out)
+    check_previous_run(out, cfg.resume)
     if cfg.local_cache:
         # through the environment, so DataLoader workers (any start method) use it too
         os.environ[LOCAL_CACHE_ENV] = cfg.local_cache
@@ -281,7 +270,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg))
     fingerprint = cfg.fingerprint(manifest_digest, world)
 
-    step = 0
+    step = tokens = 0
     ckpt_root = out / "checkpoints"
     if cfg.resume:
         ckpt = latest_checkpoint(ckpt_root)
@@ -289,6 +278,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
             raise ConfigError(f"--resume: no checkpoint under {ckpt_root}; drop --resume to start")
         state = load_checkpoint(ckpt, model, optimizer, scheduler, fingerprint)
         step = int(state["step"])
+        tokens = int(state.get("tokens", 0))
         loader.load_state_dict(state["loader"])
 
     def eval_logits(batch: dict[str, Any]) -> Tensor:
@@ -308,9 +298,11 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
             model.train()
             ev.close()
 
-    log = _Logger(out, rank == 0, cfg.progress)
+    log = MetricsLog(out, rank == 0, cfg.progress)
+    if cfg.resume:
+        log.rewind(step)  # lines past the checkpoint are recomputed: no duplicates
     batches = _batches(loader)
-    t0, tokens = time.perf_counter(), 0
+    t0, start_tokens = time.perf_counter(), tokens
     losses: list[float] = []
     start_step = step
     last = cfg.max_steps if cfg.stop_after is None else min(cfg.max_steps, cfg.stop_after)
@@ -364,7 +356,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
                     model,
                     optimizer,
                     scheduler,
-                    {"fingerprint": fingerprint, "loader": loader.state_dict()},
+                    {"fingerprint": fingerprint, "loader": loader.state_dict(), "tokens": tokens},
                     cfg.keep,
                 )
             if world > 1:
@@ -378,7 +370,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
         "final_loss": losses[-1] if losses else None,
         "losses": losses,
         "steps_per_s": (step - start_step) / elapsed if elapsed else None,
-        "tokens_per_s": tokens / elapsed if elapsed else None,
+        "tokens_per_s": (tokens - start_tokens) / elapsed if elapsed else None,
         "eval": final_metrics,
         "world_size": world,
     }
@@ -422,49 +414,3 @@ def _micro_loss(
 
 def _manifest_digest(reader: CacheReader) -> str:
     return hashlib.sha256(reader.loc.read_bytes("manifest.json")).hexdigest()
-
-
-class _Logger:
-    """JSON lines in OUT/metrics.jsonl and a one-line progress display (rank 0 only)."""
-
-    def __init__(self, out: Path, active: bool, progress: bool) -> None:
-        self.active = active
-        self.show = progress and active
-        self.path = out / "metrics.jsonl"
-        self.tty = sys.stderr.isatty()
-
-    def record(self, entry: dict[str, Any]) -> None:
-        if not self.active:
-            return
-        with self.path.open("a") as f:
-            f.write(json.dumps(entry) + "\n")
-        if self.show and "eval" in entry:
-            ev = entry["eval"]
-            msg = ", ".join(f"{k} {v:.4g}" for k, v in ev.items() if k != "positions")
-            print(f"\n[step {entry['step']}] eval: {msg}", file=sys.stderr, flush=True)
-
-    def progress(self, step: int, total: int, loss: float, rate: float) -> None:
-        if not self.show:
-            return
-        eta = (total - step) / rate if rate else float("nan")
-        line = f"step {step}/{total}  loss {loss:.4f}  {rate:.2f} steps/s  eta {eta:.0f}s"
-        if self.tty:
-            print("\r" + line, end="", file=sys.stderr, flush=True)
-        elif step == total or step % max(1, total // 10) == 0:
-            print(line, file=sys.stderr, flush=True)
-
-    def table(self, summary: dict[str, Any]) -> None:
-        if not self.show:
-            return
-        rows = [
-            ("steps", summary["steps"]),
-            ("final loss", summary["final_loss"]),
-            ("steps/s", summary["steps_per_s"]),
-            ("tokens/s", summary["tokens_per_s"]),
-        ]
-        for k, v in (summary["eval"] or {}).items():
-            rows.append((f"eval {k}", v))
-        print("", file=sys.stderr)
-        for k, v in rows:
-            val = f"{v:.4f}" if isinstance(v, float) else str(v)
-            print(f"  {k:<22} {val}", file=sys.stderr)

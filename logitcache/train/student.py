@@ -12,6 +12,7 @@ whose ids are a prefix-compatible subset, e.g. the same base vocabulary with oth
 from __future__ import annotations
 
 import json
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,7 +54,15 @@ def load_student(path: str | None, config: str | None, seed: int) -> Student:
                 f"--student {path}: not a Hugging Face model directory (no config.json); pass a "
                 "directory saved with save_pretrained, or --student-config for a fresh model"
             )
-        model = AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32)
+        except pickle.UnpicklingError as e:
+            from logitcache.train.checkpoint import pickle_refused
+
+            pickles = sorted(f.name for f in p.iterdir() if f.suffix in (".bin", ".pt", ".pth"))
+            raise pickle_refused(
+                f"--student {path} ({', '.join(pickles) or 'a weights file'})", e
+            ) from None
         tokenizer = None
         if any((p / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
             tokenizer = AutoTokenizer.from_pretrained(p)

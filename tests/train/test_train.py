@@ -263,3 +263,112 @@ def test_torchrun_two_ranks_equal_single(cache: Path, student_dir: Path, tmp_pat
     two = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert two["world_size"] == 2
     assert two["losses"] == pytest.approx(single["losses"], rel=1e-5)
+
+
+def test_out_with_a_previous_run_needs_resume(
+    cache: Path, student_dir: Path, tmp_path: Path
+) -> None:
+    run_train(cfg(cache, tmp_path / "o", student_dir, max_steps=2))
+    before = (tmp_path / "o" / "metrics.jsonl").read_text()
+    with pytest.raises(ConfigError, match=r"holds a previous training run .*pass --resume"):
+        run_train(cfg(cache, tmp_path / "o", student_dir, max_steps=2))
+    assert (tmp_path / "o" / "metrics.jsonl").read_text() == before  # nothing appended
+    r = CliRunner().invoke(
+        cli,
+        ["train", "--cache", str(cache), "--student", str(student_dir), "--out",
+         str(tmp_path / "o"), "--max-steps", "2"],
+    )  # fmt: skip
+    assert r.exit_code == 1 and "--resume" in r.output and "Traceback" not in r.output
+
+
+def test_resume_continues_the_log(cache: Path, student_dir: Path, tmp_path: Path) -> None:
+    """A run killed after logging past its last checkpoint: the resumed log has each step once
+    and its token count continues, equal to an uninterrupted run's log."""
+    kw = dict(save_every=3, keep=5, eval_fraction=0.25, eval_every=4, eval_batches=1)
+    run_train(cfg(cache, tmp_path / "a", student_dir, **kw))
+    run_train(cfg(cache, tmp_path / "b", student_dir, stop_after=5, **kw))
+    ckpts = tmp_path / "b" / "checkpoints"
+    import shutil
+
+    shutil.rmtree(ckpts / "step-00000005")  # the kill: steps 4-5 logged, no checkpoint after 3
+    with (tmp_path / "b" / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 6, "lo')  # and a line cut short
+    run_train(cfg(cache, tmp_path / "b", student_dir, resume=True, **kw))
+
+    def log(name: str) -> list[dict[str, object]]:
+        text = (tmp_path / name / "metrics.jsonl").read_text()
+        return [json.loads(x) for x in text.splitlines()]
+
+    a, b = log("a"), log("b")
+    steps = [x["step"] for x in b if "loss" in x]
+    assert steps == list(range(1, 11))
+    assert [x["tokens"] for x in b if "loss" in x] == [x["tokens"] for x in a if "loss" in x]
+    assert [x["tokens"] for x in b if "loss" in x] == [4 * SEQ * s for s in steps]
+    assert [(x["step"], bool(x.get("final"))) for x in b if "eval" in x] == [
+        (4, False),
+        (8, False),
+        (10, True),
+    ]
+    assert [x["loss"] for x in b if "loss" in x] == [x["loss"] for x in a if "loss" in x]
+
+
+class _Evil:
+    """Pickles to a call of os.system: a file appears if it is ever unpickled."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _one_line_error(r: object) -> str:
+    out = r.output  # type: ignore[attr-defined]
+    assert r.exit_code == 1, out  # type: ignore[attr-defined]
+    assert "Traceback" not in out and "file an issue" not in out
+    lines = [x for x in out.splitlines() if x.startswith("error:")]
+    assert len(lines) == 1, out
+    return lines[0]
+
+
+def test_pickles_are_refused_in_one_line(cache: Path, student_dir: Path, tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    run_train(cfg(cache, tmp_path / "o", student_dir, stop_after=2))
+    (ckpt,) = (tmp_path / "o" / "checkpoints").iterdir()
+    torch.save({"state": _Evil(marker)}, ckpt / "optimizer.pt")
+    with pytest.raises(ConfigError) as e:
+        run_train(cfg(cache, tmp_path / "o", student_dir, resume=True))
+    line = str(e.value)
+    assert "\n" not in line and "file an issue" not in line
+    assert f"{ckpt / 'optimizer.pt'}: refused to load" in line and "system" in line
+    evil = tmp_path / "evil-student"
+    llama(7).save_pretrained(evil)
+    (evil / "model.safetensors").unlink()
+    torch.save({"model.embed_tokens.weight": _Evil(marker)}, evil / "pytorch_model.bin")
+    args = ["train", "--cache", str(cache), "--student", str(evil), "--out"]
+    line = _one_line_error(CliRunner().invoke(cli, [*args, str(tmp_path / "s")]))
+    assert f"--student {evil} (pytorch_model.bin): refused to load" in line
+    assert not marker.exists()
+
+
+def test_config_files_that_are_not_settings(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    bad = {
+        "tag.yaml": f'cache: !!python/object/apply:os.system ["touch {marker}"]\n',
+        "broken.yaml": "cache: [unclosed\n",
+        "run.toml": 'cache = "x"\n',
+    }
+    for name, text in bad.items():
+        (tmp_path / name).write_text(text)
+    (tmp_path / "blob.json").write_bytes(b"\x80\x81\xfe binary")
+    expect = {
+        "tag.yaml": "python tags are refused",
+        "broken.yaml": "not plain YAML",
+        "run.toml": "not valid JSON",
+        "blob.json": "not a text file",
+    }
+    for name, words in expect.items():
+        r = CliRunner().invoke(cli, ["train", "--config", str(tmp_path / name)])
+        line = _one_line_error(r)
+        assert f"--config {tmp_path / name}" in line and words in line, line
+    assert not marker.exists()
