@@ -3,12 +3,15 @@
 ``verify`` is the command to run after copying a cache or before trusting one from another team:
 it reads every shard, checks every file's size and sha256 against the manifest, decodes every
 target and checks what decoding cannot: ids inside the vocabulary, log-probs that are finite or
-``-inf`` (padding) and never positive beyond rounding, sampled counts that add up to ``n``, and row
-ids that are unique across the cache. It stops at the first bad shard and names it.
+``-inf`` (padding) and never positive beyond rounding, sampled counts that add up to ``n``, row
+ids that are unique across the cache, and the manifest's coverage against the shards (every
+position counted once; since format 1.2 the means equal the shards' own coverage sums). It stops
+at the first bad shard and names it.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +20,7 @@ import numpy as np
 
 from logitcache.errors import CacheCorruptError, LogitCacheError
 from logitcache.format.codec import Targets
+from logitcache.format.manifest import CoverageSums, Manifest
 from logitcache.format.targets import SampledTargets, TopKTargets
 from logitcache.store.reader import CacheReader
 
@@ -160,6 +164,33 @@ def verify_cache(
         _check_targets(targets, m.vocab_size, m.targets.samples, where)
         if progress is not None:
             progress(i + 1, len(m.shards))
+    _check_coverage(m, url)
     return VerifyReport(
         shards=len(m.shards), rows=m.num_rows, positions=m.num_positions, bytes=m.num_bytes
     )
+
+
+def _check_coverage(m: Manifest, url: str) -> None:
+    """The manifest's coverage against the shards: it counts every stored position once and
+    (format 1.2) its means are the shards' own sums. A cache dumped before 1.2 and resumed could
+    count buffered rows twice; this names it."""
+    cov = m.coverage
+    if cov.positions not in (0, m.num_positions):
+        raise CacheCorruptError(
+            f"{url}: manifest coverage counts {cov.positions} positions but the shards hold "
+            f"{m.num_positions}; its captured_mass/entropy means are off (a resumed dump of a "
+            "logitcache before format 1.2 counted rows twice): re-dump, or ignore the coverage"
+        )
+    sums = CoverageSums.total(m.shards)
+    if sums is None:
+        return
+    want = sums.coverage()
+    for name in ("captured_mass", "entropy"):
+        got, exp = getattr(cov, name), getattr(want, name)
+        if (got is None) != (exp is None) or (
+            got is not None and exp is not None and not math.isclose(got, exp, rel_tol=1e-9)
+        ):
+            raise CacheCorruptError(
+                f"{url}: manifest coverage.{name} is {got} but the shards' coverage sums give "
+                f"{exp}; the manifest was edited: re-copy or re-dump the cache"
+            )

@@ -10,7 +10,7 @@ that does not belong to it.
 
 Versioning: ``format_version`` is ``"MAJOR.MINOR"``. A reader refuses an unknown MAJOR (the
 meaning of fields changed); a newer MINOR only adds optional fields, which this reader ignores.
-1.1 added ``content_digest``.
+1.1 added ``content_digest``; 1.2 added per-shard coverage sums (``shards[].coverage``).
 
 Content digest: a sha256 over the canonical JSON of a fixed list of top-level fields - what the
 numbers mean and every shard file's path, size and sha256 - but not timestamps, coverage or
@@ -36,6 +36,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
 
+import numpy as np
+
 from logitcache.errors import FormatVersionError, ManifestError, UnsafePathError
 from logitcache.format.codec import TargetCodec, codec_from_dict
 
@@ -44,6 +46,7 @@ __all__ = [
     "FORMAT_VERSION",
     "MANIFEST_NAME",
     "Coverage",
+    "CoverageSums",
     "FileRecord",
     "Manifest",
     "ShardRecord",
@@ -56,7 +59,7 @@ __all__ = [
 ]
 
 FORMAT_NAME = "logitcache"
-FORMAT_VERSION = "1.1"
+FORMAT_VERSION = "1.2"
 # The top-level fields the content digest covers, in the order documented in docs/format.md.
 DIGEST_FIELDS = (
     "format",
@@ -261,6 +264,92 @@ class FileRecord:
 
 
 @dataclass(frozen=True)
+class CoverageSums:
+    """The sums behind :class:`Coverage`'s means, over some positions (one shard's, since 1.2).
+
+    Kept per shard so that they add up exactly whatever path the rows took: a resumed dump
+    counts each committed shard once (rows that were buffered when it was killed are counted
+    when they land in a shard, not when they were first seen), parts and merges add their
+    shards' sums, and ``verify`` checks the manifest's coverage against them. ``mass_n`` and
+    ``entropy_n`` count the positions that had each statistic.
+    """
+
+    positions: int = 0
+    mass: float = 0.0
+    mass_n: int = 0
+    entropy: float = 0.0
+    entropy_n: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("positions", "mass_n", "entropy_n"):
+            v = getattr(self, name)
+            _need(isinstance(v, int) and v >= 0, f"coverage.{name}", f"bad value {v!r}")
+        for name in ("mass", "entropy"):
+            v = getattr(self, name)
+            _need(
+                isinstance(v, (int, float)) and math.isfinite(v),
+                f"coverage.{name}",
+                f"must be a finite number, got {v!r}",
+            )
+
+    @classmethod
+    def of(cls, positions: int, mass: Any = None, entropy: Any = None) -> CoverageSums:
+        """Sums over ``positions`` positions with per-position statistics (arrays, or None)."""
+
+        def total(v: Any) -> tuple[float, int]:
+            if v is None:
+                return 0.0, 0
+            arr = np.asarray(v)
+            return float(np.sum(arr, dtype=np.float64)), int(arr.size)
+
+        m, mn = total(mass)
+        e, en = total(entropy)
+        return cls(positions, m, mn, e, en)
+
+    def __add__(self, other: CoverageSums) -> CoverageSums:
+        return CoverageSums(
+            self.positions + other.positions,
+            self.mass + other.mass,
+            self.mass_n + other.mass_n,
+            self.entropy + other.entropy,
+            self.entropy_n + other.entropy_n,
+        )
+
+    def coverage(self) -> Coverage:
+        return Coverage(
+            positions=self.positions,
+            captured_mass=self.mass / self.mass_n if self.mass_n else None,
+            entropy=self.entropy / self.entropy_n if self.entropy_n else None,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "positions": self.positions,
+            "mass": self.mass,
+            "mass_n": self.mass_n,
+            "entropy": self.entropy,
+            "entropy_n": self.entropy_n,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> CoverageSums:
+        if not isinstance(d, Mapping):
+            raise ManifestError(f"manifest field coverage sums must be an object, got {d!r}")
+        return cls(**_known(cls, d))
+
+    @staticmethod
+    def total(shards: Any) -> CoverageSums | None:
+        """The sums over ``shards`` (shard records), or None if one of them has none (a shard
+        written before format 1.2)."""
+        out = CoverageSums()
+        for s in shards:
+            if s.coverage is None:
+                return None
+            out = out + s.coverage
+        return out
+
+
+@dataclass(frozen=True)
 class ShardRecord:
     """One shard: its path (a ``.zarr`` directory or an ``.arrow`` file), its row, position and
     entry counts, and every file it consists of with size and checksum."""
@@ -270,12 +359,19 @@ class ShardRecord:
     positions: int
     entries: int
     files: tuple[FileRecord, ...]
+    coverage: CoverageSums | None = None
 
     def __post_init__(self) -> None:
         check_relative_path(self.path, "shards[].path")
         for name in ("rows", "positions", "entries"):
             v = getattr(self, name)
             _need(isinstance(v, int) and v >= 0, f"shard {self.path}.{name}", f"bad value {v!r}")
+        if self.coverage is not None:
+            _need(
+                self.coverage.positions == self.positions,
+                f"shard {self.path}.coverage.positions",
+                f"is {self.coverage.positions} but the shard holds {self.positions} positions",
+            )
         _need(len(self.files) > 0, f"shard {self.path}.files", "lists no files")
         for f in self.files:
             _need(
@@ -295,6 +391,7 @@ class ShardRecord:
             "positions": self.positions,
             "entries": self.entries,
             "files": [f.to_dict() for f in self.files],
+            **({"coverage": self.coverage.to_dict()} if self.coverage is not None else {}),
         }
 
     @classmethod
@@ -307,6 +404,7 @@ class ShardRecord:
             positions=_get(d, "positions", "shard"),
             entries=_get(d, "entries", "shard"),
             files=tuple(FileRecord.from_dict(f) for f in files),
+            coverage=CoverageSums.from_dict(d["coverage"]) if "coverage" in d else None,
         )
 
 
@@ -541,7 +639,7 @@ def _check_codec_agrees(targets: TargetsInfo, codec: TargetCodec) -> None:
     if targets.method == "topk":
         pairs.append(("targets.k", targets.k, "k"))
     else:
-        pairs.append(("targets.samples", targets.samples, "n"))
+        pairs.append(("targets.samples", targets.samples, "samples"))
     for where, ours, attr in pairs:
         theirs = getattr(codec, attr, None)
         if theirs is not None and ours != theirs:

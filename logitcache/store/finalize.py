@@ -13,10 +13,16 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from logitcache.errors import CacheIncompleteError, ConfigError, WriterError
-from logitcache.format.manifest import MANIFEST_NAME, Manifest, first_difference
+from logitcache.format.manifest import (
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    CoverageSums,
+    Manifest,
+    first_difference,
+)
 from logitcache.store._fs import Location, open_location
 from logitcache.store._lock import WriterLock
-from logitcache.store.header import PARTS_DIR, WRITTEN_FIELDS, CoverageSum
+from logitcache.store.header import PARTS_DIR, WRITTEN_FIELDS
 
 __all__ = ["finalize_cache"]
 
@@ -43,7 +49,6 @@ def _finalize(loc: Location, url: str, parts: Sequence[str]) -> Manifest:
     if loc.exists(MANIFEST_NAME):
         raise WriterError(f"{url} is already finalized (manifest.json exists)")
     manifests: list[Manifest] = []
-    cov = CoverageSum()
     for p in parts:
         rel = f"{PARTS_DIR}/{p}.json"
         if not loc.exists(rel):
@@ -53,7 +58,6 @@ def _finalize(loc: Location, url: str, parts: Sequence[str]) -> Manifest:
             )
         d = json.loads(loc.read_bytes(rel))
         manifests.append(Manifest.from_dict(d["manifest"]))
-        cov.merge(CoverageSum(d["coverage_sums"]))
     if not manifests:
         raise ConfigError("finalize needs at least one part")
     # parts must also come from the same logitcache release, so created_by is compared
@@ -72,6 +76,12 @@ def _finalize(loc: Location, url: str, parts: Sequence[str]) -> Manifest:
                 "the same settings: resume the odd part with them, or dump again"
             )
     shards = tuple(s for m in manifests for s in m.shards)
-    manifest = manifests[0].derive(shards=shards, coverage=cov.coverage())
+    total = CoverageSums.total(shards)
+    if total is None:  # parts written before format 1.2: their shards carry no sums
+        raise CacheIncompleteError(
+            f"cannot finalize {url}: its parts were written by a logitcache older than format "
+            f"{FORMAT_VERSION} (shards without coverage sums); finalize with that release"
+        )
+    manifest = manifests[0].derive(shards=shards, coverage=total.coverage())
     loc.write_atomic(MANIFEST_NAME, manifest.to_json().encode())
     return manifest

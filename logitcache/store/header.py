@@ -1,5 +1,4 @@
-"""What a cache is before it has shards: the header every writer of it shares, and the running
-coverage sums.
+"""What a cache is before it has shards: the header every writer of it shares.
 
 ``CacheHeader`` is the manifest minus what writing produces (shards, coverage, timestamps, the
 content digest). Its :meth:`CacheHeader.fingerprint_dict` is what a resumed writer and every part
@@ -12,8 +11,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
-
-import numpy as np
 
 from logitcache.errors import ConfigError
 from logitcache.format.codec import TargetCodec
@@ -33,7 +30,6 @@ __all__ = [
     "PROGRESS_DIR",
     "WRITTEN_FIELDS",
     "CacheHeader",
-    "CoverageSum",
 ]
 
 PROGRESS_DIR = "_writers"
@@ -110,38 +106,3 @@ class CacheHeader:
         for k in WRITTEN_FIELDS:
             d.pop(k, None)
         return d
-
-
-class CoverageSum:
-    """Running sums behind the manifest's coverage means (JSON-able: resume continues them)."""
-
-    def __init__(self, d: Mapping[str, float] | None = None) -> None:
-        d = d or {}
-        self.positions = int(d.get("positions", 0))
-        self.mass = float(d.get("mass", 0.0))
-        self.mass_n = int(d.get("mass_n", 0))
-        self.entropy = float(d.get("entropy", 0.0))
-        self.entropy_n = int(d.get("entropy_n", 0))
-
-    def add(self, positions: int, mass: np.ndarray | None, entropy: np.ndarray | None) -> None:
-        self.positions += positions
-        if mass is not None:
-            self.mass += float(np.sum(mass, dtype=np.float64))
-            self.mass_n += int(mass.size)
-        if entropy is not None:
-            self.entropy += float(np.sum(entropy, dtype=np.float64))
-            self.entropy_n += int(entropy.size)
-
-    def merge(self, other: CoverageSum) -> None:
-        for k in ("positions", "mass", "mass_n", "entropy", "entropy_n"):
-            setattr(self, k, getattr(self, k) + getattr(other, k))
-
-    def to_dict(self) -> dict[str, float]:
-        return dict(self.__dict__)
-
-    def coverage(self) -> Coverage:
-        return Coverage(
-            positions=self.positions,
-            captured_mass=self.mass / self.mass_n if self.mass_n else None,
-            entropy=self.entropy / self.entropy_n if self.entropy_n else None,
-        )

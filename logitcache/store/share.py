@@ -33,6 +33,7 @@ from logitcache.errors import ConfigError, WriterError
 from logitcache.format.manifest import (
     MANIFEST_NAME,
     Coverage,
+    CoverageSums,
     FileRecord,
     Manifest,
     ShardRecord,
@@ -161,7 +162,11 @@ def _check_agree(sources: Sequence[str], manifests: Sequence[Manifest]) -> None:
             )
 
 
-def _coverage(manifests: Sequence[Manifest]) -> Coverage:
+def _coverage(manifests: Sequence[Manifest], shards: Sequence[ShardRecord]) -> Coverage:
+    sums = CoverageSums.total(shards)
+    if sums is not None:
+        return sums.coverage()
+    # a source older than format 1.2 (no per-shard sums): weight the sources' means
     total = sum(m.coverage.positions for m in manifests)
 
     def mean(name: str) -> float | None:
@@ -205,7 +210,7 @@ def merge_caches(
         fingerprints = [m.dataset.fingerprint or m.content_digest for m in manifests]
         manifest = first.derive(
             shards=tuple(shards),
-            coverage=_coverage(manifests),
+            coverage=_coverage(manifests, shards),
             dataset=SourceInfo(
                 name="merge of "
                 + ", ".join(m.dataset.name or u for m, u in zip(manifests, sources, strict=True)),

@@ -37,6 +37,8 @@ from logitcache.errors import CacheIncompleteError, ConfigError, LogitCacheError
 from logitcache.format.codec import Targets
 from logitcache.format.manifest import (
     MANIFEST_NAME,
+    Coverage,
+    CoverageSums,
     FileRecord,
     Manifest,
     ShardRecord,
@@ -58,7 +60,6 @@ from logitcache.store.header import (
     PARTS_DIR,
     PROGRESS_DIR,
     CacheHeader,
-    CoverageSum,
 )
 
 __all__ = ["CacheWriter", "check_output"]
@@ -150,7 +151,9 @@ class CacheWriter:
         self._buffer: list[EncodedRows] = []
         self._buffer_bytes = 0
         self._shards: list[ShardRecord] = []
-        self._coverage = CoverageSum()
+        # per-position coverage statistics of the buffered rows, in position order: a shard
+        # takes the sums of exactly its own positions (so a resume never counts a row twice)
+        self._pending_stats: list[tuple[int, np.ndarray | None, np.ndarray | None]] = []
         self._closed = False
         self._lock = WriterLock(self.loc, part or "main")
         self._lock.acquire(break_lock)
@@ -187,7 +190,15 @@ class CacheWriter:
         if self._closed:
             raise WriterError("write() after commit() or abort(): open a new CacheWriter")
         data = self._validate(row_id, input_ids, loss_mask, targets)
-        self._coverage.add(targets.num_positions, captured_mass, entropy)
+        stats = [None if a is None else np.asarray(a).reshape(-1) for a in (captured_mass, entropy)]
+        for name, arr in zip(("captured_mass", "entropy"), stats, strict=True):
+            if arr is not None and arr.size != targets.num_positions:
+                raise WriterError(
+                    f"{name} must hold one value per target position ({targets.num_positions}), "
+                    f"got {arr.size}"
+                )
+        if targets.num_positions:
+            self._pending_stats.append((targets.num_positions, stats[0], stats[1]))
         self._buffer.append(data)
         self._buffer_bytes += shard_nbytes(data)
         while self._buffer_bytes >= self.shard_bytes:
@@ -243,6 +254,26 @@ class CacheWriter:
         self._buffer = [tail] if tail.num_rows else []
         self._buffer_bytes = shard_nbytes(tail)
 
+    def _take_coverage(self, positions: int) -> CoverageSums:
+        """The coverage sums of the next ``positions`` buffered positions (removed)."""
+        out = CoverageSums()
+        while positions > 0:
+            n, mass, ent = self._pending_stats[0]
+            take = min(n, positions)
+            out = out + CoverageSums.of(
+                take, None if mass is None else mass[:take], None if ent is None else ent[:take]
+            )
+            if take == n:
+                self._pending_stats.pop(0)
+            else:
+                self._pending_stats[0] = (
+                    n - take,
+                    None if mass is None else mass[take:],
+                    None if ent is None else ent[take:],
+                )
+            positions -= take
+        return out
+
     def _write_shard(self, data: EncodedRows) -> None:
         path = shard_name(len(self._shards), self._prefix, self.header.backend)
         files = self._backend.serialize(data, self._specs, self.header.compression_level)
@@ -257,13 +288,15 @@ class CacheWriter:
         entries = (
             int(data.encoded[self._count_array].astype(np.int64).sum()) if self._count_array else 0
         )
+        positions = int(data.loss_mask.astype(np.int64).sum())
         self._shards.append(
             ShardRecord(
                 path=path,
                 rows=data.num_rows,
-                positions=int(data.loss_mask.astype(np.int64).sum()),
+                positions=positions,
                 entries=entries,
                 files=records,
+                coverage=self._take_coverage(positions),
             )
         )
         self._save_progress()
@@ -276,7 +309,6 @@ class CacheWriter:
             "header": self.header.fingerprint_dict(),
             "shard_bytes": self.shard_bytes,
             "shards": [s.to_dict() for s in self._shards],
-            "coverage_sums": self._coverage.to_dict(),
         }
         self.loc.write_atomic(self._progress, json.dumps(record).encode())
 
@@ -315,7 +347,6 @@ class CacheWriter:
         # a shard renamed into place after the last progress record is redone
         self.loc.remove(shard_name(len(shards), self._prefix, self.header.backend))
         self._shards = shards
-        self._coverage = CoverageSum(record.get("coverage_sums"))
         return sum(s.rows for s in shards)
 
     # -- commit ------------------------------------------------------------------------------
@@ -327,16 +358,14 @@ class CacheWriter:
         if self._buffer:
             self._flush_one(final=True)
         self._save_progress()
-        manifest = self.header.manifest(self._shards, self._coverage.coverage())
+        manifest = self.header.manifest(self._shards, _coverage_of(self._shards))
         self._lock.check()
         if self.part is None:
             self.loc.write_atomic(MANIFEST_NAME, manifest.to_json().encode())
         else:
             self.loc.write_atomic(
                 f"{PARTS_DIR}/{self.part}.json",
-                json.dumps(
-                    {"manifest": manifest.to_dict(), "coverage_sums": self._coverage.to_dict()}
-                ).encode(),
+                json.dumps({"manifest": manifest.to_dict()}).encode(),
             )
         self._closed = True
         self._lock.release()
@@ -390,6 +419,15 @@ def check_output(
     WriterLock(loc, part or "main").ensure_free(break_lock)
     if overwrite and clear:
         _clear_output(loc)
+
+
+def _coverage_of(shards: Sequence[ShardRecord]) -> Coverage:
+    """The manifest's coverage: the sum of the shards' own (a shard resumed from a writer older
+    than format 1.2 has none and counts its positions only)."""
+    total = CoverageSums()
+    for s in shards:
+        total = total + (s.coverage or CoverageSums(positions=s.positions))
+    return total.coverage()
 
 
 def _row_bytes(data: EncodedRows, specs: Sequence[Any], count_array: str | None) -> np.ndarray:

@@ -84,8 +84,8 @@ def test_digest_fields_are_not_arguments() -> None:
         ),
         (
             TargetsInfo("sampled", samples=32, tail="none"),
-            SampledCodec(n=16, vocab_size=50),
-            r"targets\.samples is 32 but codec\.n is 16",
+            SampledCodec(samples=16, vocab_size=50),
+            r"targets\.samples is 32 but codec\.samples is 16",
         ),
         (
             TargetsInfo("sampled", samples=16, tail="none"),

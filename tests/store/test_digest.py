@@ -11,6 +11,7 @@ import pytest
 from test_store import header, make_batches, write_cache
 
 from logitcache.errors import ManifestError
+from logitcache.format.manifest import FORMAT_VERSION
 from logitcache.report import verify_cache
 from logitcache.store import CacheReader
 
@@ -19,7 +20,7 @@ def test_digest_is_stored_and_readers_of_1_0_caches_compute_the_same(tmp_path: P
     url = tmp_path / "c"
     write_cache(str(url), header("arrow"), make_batches(1, 3, 4, 8, 4, 50))
     d = json.loads((url / "manifest.json").read_text())
-    assert d["format_version"] == "1.1" and d["content_digest"].startswith("sha256:")
+    assert d["format_version"] == FORMAT_VERSION and d["content_digest"].startswith("sha256:")
     digest = d["content_digest"]
     m = CacheReader(str(url)).manifest
     m.check_digest(digest)

@@ -109,7 +109,7 @@ def test_round_trip_many_shards(tmp_path: Path, backend: str) -> None:
 def test_sampled_round_trip(tmp_path: Path, backend: str) -> None:
     rng = np.random.default_rng(1)
     hdr = CacheHeader(
-        codec=SampledCodec(n=20, vocab_size=60),
+        codec=SampledCodec(samples=20, vocab_size=60),
         targets=TargetsInfo(method="sampled", samples=20, tail="none"),
         seq_len=5,
         vocab_size=60,
@@ -225,7 +225,7 @@ def test_sampled_round_trip_odd_shapes(
     mask = rng.random((rows, seq_len)) < mask_p
     t = sampled_targets(rng, int(mask.sum()), n, vocab, with_logprobs=False)
     hdr = CacheHeader(
-        codec=SampledCodec(n=n, vocab_size=vocab),
+        codec=SampledCodec(samples=n, vocab_size=vocab),
         targets=TargetsInfo(method="sampled", samples=n, tail="none"),
         seq_len=seq_len,
         vocab_size=vocab,
@@ -595,3 +595,63 @@ def test_one_spelling_for_encoded_arrays(cache: Path) -> None:
     for name, arr in stored.encoded.items():
         assert np.array_equal(rows.encoded[name], arr)
     assert rows.targets.num_positions == int(stored.loss_mask.sum())
+
+
+def _stats(batches) -> list[tuple[np.ndarray, np.ndarray]]:
+    rng = np.random.default_rng(42)
+    return [(rng.random(b[3].num_positions), rng.random(b[3].num_positions) * 5) for b in batches]
+
+
+def test_coverage_after_a_resume_equals_the_uninterrupted_run(tmp_path: Path) -> None:
+    """Rows buffered (not yet in a shard) when the writer died are counted once, not twice."""
+    from logitcache.format.targets import TopKTargets
+
+    batches = make_batches(4, 8, 3, 8, 4, 50)
+    stats = _stats(batches)
+    straight, broken = str(tmp_path / "straight"), str(tmp_path / "broken")
+    with CacheWriter(straight, header("arrow"), shard_bytes=1500) as w:
+        for (rid, ids, mask, t), (mass, ent) in zip(batches, stats, strict=True):
+            w.write(rid, ids, mask, t, captured_mass=mass, entropy=ent)
+    with pytest.raises(RuntimeError), CacheWriter(broken, header("arrow"), shard_bytes=1500) as w:
+        for (rid, ids, mask, t), (mass, ent) in list(zip(batches, stats, strict=True))[:5]:
+            w.write(rid, ids, mask, t, captured_mass=mass, entropy=ent)
+        assert w.rows_written > sum(s.rows for s in w._shards)  # some rows only buffered
+        raise RuntimeError("killed")
+    # the stream again, from the first row not in a committed shard
+    rid, ids, mask = (np.concatenate([b[i] for b in batches]) for i in range(3))
+    mass, ent = (np.concatenate([s[i] for s in stats]) for i in range(2))
+    cat = TopKTargets(
+        *(
+            np.concatenate([getattr(b[3], f) for b in batches])
+            for f in ("ids", "logprobs", "tail_logprob", "temperature_lognorm")
+        )
+    )
+    with CacheWriter(broken, header("arrow"), shard_bytes=1500, resume=True) as w:
+        done = w.resumed_rows
+        p0 = int(mask[:done].sum())
+        w.write(
+            rid[done:],
+            ids[done:],
+            mask[done:],
+            TopKTargets(
+                *(
+                    a[p0:]
+                    for a in (cat.ids, cat.logprobs, cat.tail_logprob, cat.temperature_lognorm)
+                )
+            ),
+            captured_mass=mass[p0:],
+            entropy=ent[p0:],
+        )
+    a, b = CacheReader(straight).manifest, CacheReader(broken).manifest
+    assert b.coverage.positions == a.coverage.positions == a.num_positions
+    assert b.coverage.captured_mass == pytest.approx(a.coverage.captured_mass, rel=1e-12)
+    assert b.coverage.entropy == pytest.approx(a.coverage.entropy, rel=1e-12)
+    assert a.coverage.captured_mass == pytest.approx(float(mass.mean()), rel=1e-12)
+    verify_cache(broken)
+
+
+def test_verify_checks_coverage_against_the_shards(cache: Path) -> None:
+    verify_cache(str(cache))
+    _edit_manifest(cache, lambda d: d["coverage"].update(positions=d["num_positions"] + 7))
+    with pytest.raises(CacheCorruptError, match=r"coverage counts \d+ positions but the shards"):
+        verify_cache(str(cache))
