@@ -30,6 +30,7 @@ import socket
 import time
 import uuid
 from collections.abc import Callable, Mapping
+from datetime import datetime, timezone
 from typing import Any, TypeVar
 
 import fsspec
@@ -152,6 +153,15 @@ class Location:
     def size(self, rel: str) -> int:
         p = self.path(rel)
         return int(self.retrying(f"sizing {rel}", lambda: self.fs.size(p)))
+
+    def modified(self, rel: str) -> datetime:
+        """When ``rel`` was last written (timezone-aware UTC); NotImplementedError if the
+        filesystem cannot say."""
+        p = self.path(rel)
+        t = self.retrying(f"dating {rel}", lambda: self.fs.modified(p))
+        if not isinstance(t, datetime):
+            raise NotImplementedError(f"{type(self.fs).__name__} gives no modification time")
+        return t if t.tzinfo is not None else t.replace(tzinfo=timezone.utc)
 
     def write_exclusive(self, rel: str, data: bytes) -> bool:
         """Create ``rel`` holding ``data`` only if it does not exist; False if it did.

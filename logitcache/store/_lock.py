@@ -11,7 +11,9 @@ Stale locks: a writer releases its lock when it commits or aborts; a killed one 
 whose holder ran on *this* host and whose pid is gone is stale and taken over automatically
 (this is what lets ``--resume`` follow a crash on the same machine). A lock from another host
 cannot be judged from here: the error shows its record and the fix, ``--break-lock``, which
-deletes it. The writer re-reads its lock after every shard and before writing the manifest, so
+deletes it. A lock file that is empty or not a JSON record (a kill between creating and writing
+it) and older than :data:`UNREADABLE_GRACE_S` seconds is stale too: no live writer leaves its lock
+unwritten that long. The writer re-reads its lock after every shard and before writing the manifest, so
 a writer whose lock was broken (taken over by another) stops instead of committing.
 """
 
@@ -32,6 +34,8 @@ from logitcache.store._fs import Location
 __all__ = ["LOCKS_DIR", "WriterLock"]
 
 LOCKS_DIR = "_locks"
+# an unreadable lock younger than this may be one being written right now (create, then write)
+UNREADABLE_GRACE_S = 10.0
 log = logging.getLogger("logitcache")
 # Locks held by writer objects alive in this process: a lock of this pid whose writer object was
 # garbage-collected unclosed is as stale as one of a dead process.
@@ -65,8 +69,10 @@ class WriterLock:
         try:
             record = json.loads(data)
         except ValueError:
-            return {"owner": "?", "host": "?", "pid": None, "created_at": "?"}
-        return record if isinstance(record, dict) else {"owner": "?"}
+            record = None
+        if isinstance(record, dict):
+            return record
+        return {"owner": "?", "host": "?", "pid": None, "created_at": "?", "unreadable": True}
 
     def ensure_free(self, break_lock: bool = False) -> None:
         """Raise :class:`CacheLockedError` if a live writer holds the lock (no lock is taken);
@@ -74,8 +80,14 @@ class WriterLock:
         record = self.read()
         if record is None:
             return
-        if break_lock or _is_stale(record):
-            why = "as asked (--break-lock)" if break_lock else "its process is gone"
+        unreadable = bool(record.get("unreadable"))
+        if break_lock or _is_stale(record) or (unreadable and self._age() > UNREADABLE_GRACE_S):
+            if break_lock:
+                why = "as asked (--break-lock)"
+            elif unreadable:
+                why = f"it is empty or unreadable and older than {UNREADABLE_GRACE_S:g} s"
+            else:
+                why = "its process is gone"
             log.warning("removing the lock of %s held by %s: %s", self.loc.url, _who(record), why)
             self.loc.remove(self.rel)
             return
@@ -85,6 +97,14 @@ class WriterLock:
             "elsewhere; if that dump is dead (crashed on another machine), rerun with "
             "--break-lock (with --resume to keep its committed shards)"
         )
+
+    def _age(self) -> float:
+        """Seconds since the lock object was last written (0 if that cannot be told)."""
+        try:
+            modified = self.loc.modified(self.rel)
+        except (FileNotFoundError, NotImplementedError):
+            return 0.0
+        return (datetime.now(timezone.utc) - modified).total_seconds()
 
     def acquire(self, break_lock: bool = False) -> None:
         """Take the lock, or raise :class:`CacheLockedError` naming its holder."""

@@ -655,3 +655,20 @@ def test_verify_checks_coverage_against_the_shards(cache: Path) -> None:
     _edit_manifest(cache, lambda d: d["coverage"].update(positions=d["num_positions"] + 7))
     with pytest.raises(CacheCorruptError, match=r"coverage counts \d+ positions but the shards"):
         verify_cache(str(cache))
+
+
+@pytest.mark.parametrize("content", [b"", b"{not json", b"[1, 2]"])
+def test_an_old_unreadable_lock_is_stale(tmp_path: Path, content: bytes) -> None:
+    """A kill between creating the lock and writing it must not block every later run."""
+    from logitcache.errors import CacheLockedError
+
+    url = tmp_path / "c"
+    lock = url / "_locks" / "main.json"
+    lock.parent.mkdir(parents=True)
+    lock.write_bytes(content)
+    with pytest.raises(CacheLockedError, match="being written by another dump"):
+        CacheWriter(str(url), header("zarr"))  # fresh: it may be being written right now
+    old = lock.stat().st_mtime - 60
+    os.utime(lock, (old, old))
+    write_cache(str(url), header("zarr"), make_batches(1, 1, 2, 8, 4, 50))
+    assert CacheReader(str(url)).num_rows == 2 and not lock.exists()
