@@ -13,8 +13,8 @@ whose holder ran on *this* host and whose pid is gone is stale and taken over au
 cannot be judged from here: the error shows its record and the fix, ``--break-lock``, which
 deletes it. A lock file that is empty or not a JSON record (a kill between creating and writing
 it) and older than :data:`UNREADABLE_GRACE_S` seconds is stale too: no live writer leaves its lock
-unwritten that long. The writer re-reads its lock after every shard and before writing the manifest, so
-a writer whose lock was broken (taken over by another) stops instead of committing.
+unwritten that long. The writer re-reads its lock after every shard and before writing the
+manifest, so a writer whose lock was broken (taken over by another) stops instead of committing.
 """
 
 from __future__ import annotations
