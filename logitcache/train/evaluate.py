@@ -12,20 +12,29 @@ the mean is taken once at the end (after an all-reduce under DDP):
   stored log-prob; sampled: the most drawn id);
 - ``ece``: expected calibration error of the student's top-1 prediction against the true next
   token, 15 equal-width confidence bins.
+
+Memory: the student gives hidden states and its output head (:class:`StudentOutput`), and the
+logits are made ``chunk_size`` positions at a time (by default the fused loss's chunk, 64 MiB of
+float32 per chunk: ``2**24 // V`` rows), so evaluation never holds [positions x vocab] logits, like
+the fused loss. Before, a 262k-vocabulary student peaked at 3.78 GB with evaluation and 0.90 GB
+without. Because every metric is a sum, the chunked result equals the unchunked one up to float
+summation order. A student whose logits are not a plain linear map of its hidden states gives
+full logits instead (still scored chunk by chunk).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from logitcache.loss import SampledTeacher, TopKTeacher, kd_loss
+from logitcache.loss import SampledTeacher, TopKTeacher, default_chunk_size, kd_loss
 
-__all__ = ["ECE_BINS", "MetricSums", "evaluate"]
+__all__ = ["ECE_BINS", "MetricSums", "StudentOutput", "evaluate"]
 
 ECE_BINS = 15
 
@@ -94,14 +103,54 @@ class MetricSums:
         return out
 
 
+@dataclass(frozen=True)
+class StudentOutput:
+    """The student at a batch's target positions: ``hidden [N, H]`` with the head ``weight
+    [V, H]`` and ``bias [V] | None`` (logits made per chunk), or full ``logits [N, V]``."""
+
+    hidden: Tensor | None = None
+    weight: Tensor | None = None
+    bias: Tensor | None = None
+    logits: Tensor | None = None
+
+    def __len__(self) -> int:
+        rows = self.logits if self.logits is not None else self.hidden
+        if rows is None:
+            raise ValueError("StudentOutput needs hidden states and a head, or logits")
+        return int(rows.shape[0])
+
+    @property
+    def vocab(self) -> int:
+        full = self.logits if self.logits is not None else self.weight
+        if full is None:
+            raise ValueError("StudentOutput needs hidden states and a head, or logits")
+        return int(full.shape[0] if self.logits is None else full.shape[1])
+
+    def chunk_logits(self, start: int, stop: int) -> Tensor:
+        """Float32 logits of positions ``start:stop``."""
+        if self.logits is not None:
+            return self.logits[start:stop].float()
+        if self.hidden is None or self.weight is None:
+            raise ValueError("StudentOutput needs hidden states and a head, or logits")
+        h = self.hidden[start:stop].to(self.weight.dtype)  # bf16 under autocast: score in fp32
+        z = h @ self.weight.t() if self.bias is None else torch.addmm(self.bias, h, self.weight.t())
+        return z.float()
+
+
 def evaluate(
     batches: Iterable[dict[str, Any]],
-    student_logits: Callable[[dict[str, Any]], Tensor],
+    student: Callable[[dict[str, Any]], StudentOutput | Tensor],
     to_teacher: Callable[[dict[str, Any]], TopKTeacher | SampledTeacher],
     device: torch.device,
     max_batches: int | None = None,
+    chunk_size: int | None = None,
 ) -> dict[str, float]:
-    """Mean metrics over ``batches`` (each rank its share; reduced across ranks)."""
+    """Mean metrics over ``batches`` (each rank its share; reduced across ranks).
+
+    ``student(batch)`` gives the student at the batch's target positions (a :class:`StudentOutput`,
+    or a logits tensor); the metrics are summed ``chunk_size`` positions at a time (default: the
+    fused loss's ``default_chunk_size(V)``).
+    """
     sums = MetricSums(device)
     with torch.no_grad():
         for i, batch in enumerate(batches):
@@ -109,6 +158,19 @@ def evaluate(
                 break
             if batch["target_index"].numel() == 0:
                 continue
-            sums.add(student_logits(batch), to_teacher(batch), batch["target_labels"])
+            out = student(batch)
+            if isinstance(out, Tensor):
+                out = StudentOutput(logits=out)
+            teacher, labels = to_teacher(batch), batch["target_labels"]
+            n = len(out)
+            rows = chunk_size or default_chunk_size(out.vocab)
+            for start in range(0, n, rows):
+                stop = min(n, start + rows)
+                part = torch.arange(start, stop, device=labels.device)
+                sums.add(
+                    out.chunk_logits(start, stop),
+                    teacher if (start, stop) == (0, n) else teacher.select(part),
+                    labels[start:stop],
+                )
     sums.reduce()
     return sums.result()

@@ -44,13 +44,14 @@ from logitcache.loss import KDConfig, fused_linear_kd_loss, kd_loss
 from logitcache.store import CacheReader
 from logitcache.store.reader import LOCAL_CACHE_ENV, LOCAL_CACHE_SIZE_ENV
 from logitcache.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from logitcache.train.evaluate import evaluate
+from logitcache.train.evaluate import StudentOutput, evaluate
 from logitcache.train.output import MetricsLog, check_out_dir, check_previous_run
 from logitcache.train.student import (
     Student,
     check_compatible,
     decoder_and_head,
     load_student,
+    student_output,
     target_logits,
 )
 
@@ -281,9 +282,9 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
         tokens = int(state.get("tokens", 0))
         loader.load_state_dict(state["loader"])
 
-    def eval_logits(batch: dict[str, Any]) -> Tensor:
+    def eval_output(batch: dict[str, Any]) -> StudentOutput:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            return target_logits(model, batch).float()
+            return student_output(model, batch)
 
     def run_eval() -> dict[str, float] | None:
         if not (cfg.eval_fraction or cfg.eval_cache):
@@ -293,7 +294,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
         ev = make_loader(url, cfg.batch_size, order="sequential", split=eval_split, **loader_kw)
         model.eval()
         try:
-            return evaluate(ev, eval_logits, teacher_targets, device, cfg.eval_batches)
+            return evaluate(ev, eval_output, teacher_targets, device, cfg.eval_batches)
         finally:
             model.train()
             ev.close()

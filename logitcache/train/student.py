@@ -15,7 +15,7 @@ import json
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -24,7 +24,10 @@ from logitcache.errors import ConfigError
 from logitcache.format.fingerprint import tokenizer_fingerprint
 from logitcache.format.manifest import Manifest
 
-__all__ = ["Student", "check_compatible", "load_student"]
+if TYPE_CHECKING:
+    from logitcache.train.evaluate import StudentOutput
+
+__all__ = ["Student", "check_compatible", "load_student", "student_output"]
 
 
 @dataclass
@@ -146,3 +149,17 @@ def target_logits(model: nn.Module, batch: dict[str, Any]) -> Tensor:
     out = model(input_ids=batch["input_ids"])
     logits = out.logits
     return logits.flatten(0, 1).index_select(0, batch["target_index"])
+
+
+def student_output(model: nn.Module, batch: dict[str, Any]) -> StudentOutput:
+    """Hidden states at the batch's target positions and the head (for chunked evaluation), or
+    full logits when the student's logits are not a plain linear map of its hidden states."""
+    from logitcache.train.evaluate import StudentOutput
+
+    try:
+        base, head = decoder_and_head(model)
+    except ConfigError:
+        return StudentOutput(logits=target_logits(model, batch))
+    hidden = base(input_ids=batch["input_ids"]).last_hidden_state
+    hidden = hidden.flatten(0, 1).index_select(0, batch["target_index"])
+    return StudentOutput(hidden=hidden, weight=head.weight, bias=head.bias)
