@@ -5,14 +5,16 @@ Both take their rows from a :class:`~logitcache.data.RowSampler` and return whol
 and the work of decoding happens in its worker processes.
 
 - :class:`CachedLogitDataset` (map-style): ``ds[RowBatch]`` groups the batch's rows by shard and
-  reads them through the reader's shard LRU. Shards are read whole, so a ``"random"`` order
-  touches a different shard for nearly every row: this mode is for caches whose shards fit in
-  ``max_cached_shards`` (RAM or a local page cache), or for evaluation.
+  reads them through a shard LRU of ``max_cached_shards`` decoded shards per process. A
+  ``"random"`` order draws each worker's rows from blocks of ``window_shards`` of its own shards,
+  so an LRU of at least two blocks loads each shard once (the epoch's last few batches aside,
+  which a map-style DataLoader may deal to another worker).
 - :class:`StreamingLogitDataset` (iterable): walks this worker's batches of a ``"streaming"`` or
   ``"sequential"`` order and keeps a read-ahead pool fetching, verifying and decompressing the
   next shards (in the order the batches will first need them) while the current ones are
-  collated. Each shard is fetched once per worker per epoch (in a streaming window every worker's
-  batches touch every shard of the window), in large sequential reads: the object-store path.
+  collated, and drops each after its last batch. The sampler gives each (rank, worker) its own
+  shards, so a shard is fetched and decoded once per epoch over all ranks and workers, in large
+  sequential reads: the object-store path.
 
 Neither holds an open reader when pickled: each process (DataLoader worker) opens its own from the
 URL, which is also what lets the ``spawn`` start method work. Errors raised while reading (an
@@ -80,7 +82,7 @@ class _CacheSource:
 
     def view(self, shard: int) -> ShardView:
         data = self.reader.load_shard(shard)
-        return ShardView.build(shard, data, self.reader.codec.entry_count_array)
+        return self.collator.view(shard, data)  # range-checks the shard once
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -196,53 +198,44 @@ class StreamingLogitDataset(_CacheSource, torch.utils.data.IterableDataset[dict[
         _ = self.reader  # open it before the pool threads share it
         pool = cf.ThreadPoolExecutor(self.readahead, thread_name_prefix="logitcache-readahead")
         try:
-            for batch, shard, local, views in _read_ahead(self, batches, pool, self.readahead):
+            planned = _read_ahead(self, list(batches), pool, self.readahead)
+            for batch, shard, local, views in planned:
                 yield self.collator(views, shard, local, batch.is_pad)
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
 
 
-_Planned = tuple[RowBatch, np.ndarray, np.ndarray, list[int]]
-
-
 def _read_ahead(
-    source: _CacheSource, batches: Iterator[RowBatch], pool: cf.ThreadPoolExecutor, ahead: int
+    source: _CacheSource, batches: list[RowBatch], pool: cf.ThreadPoolExecutor, ahead: int
 ) -> Iterator[tuple[RowBatch, np.ndarray, np.ndarray, dict[int, ShardView]]]:
-    """Yield batches with their shards loaded, keeping ``ahead`` upcoming shards in flight.
+    """Yield batches with their shards loaded, keeping ``ahead`` more shards in flight.
 
-    A window of upcoming batches is planned (rows located, shards listed in first-use order);
-    shard loads are submitted in that order until ``ahead`` shards beyond the current batch's are
-    pending, and a shard is dropped as soon as no planned batch needs it.
+    This worker's batches are all known (its share of the epoch), so each shard is loaded when
+    its first batch comes within reach (in first-use order: the current batch's shards, then the
+    next ``ahead``) and dropped right after its **last** batch: it is decoded once per epoch even
+    when a window's shuffle leaves a long gap between two of its rows.
     """
-    window: collections.deque[_Planned] = collections.deque()
-    loads: dict[int, cf.Future[ShardView]] = {}
-    horizon = max(16, 8 * ahead)  # batches planned ahead: cheap index math
-    exhausted = False
-    while True:
-        while not exhausted and len(window) < horizon:
-            nxt = next(batches, None)
-            if nxt is None:
-                exhausted = True
-                break
-            shard, local = source.locate(np.asarray(nxt.rows, dtype=np.int64))
-            order = list(dict.fromkeys(shard.tolist()))
-            window.append((nxt, shard, local, order))
-        if not window:
-            return
-        current = window[0][3]
-        for s in current:  # the current batch's shards first, then read-ahead
-            if s not in loads:
-                loads[s] = pool.submit(source.view, s)
-        upcoming = list(dict.fromkeys(s for p in window for s in p[3] if s not in current))
-        for s in upcoming[:ahead]:
-            if s not in loads:
-                loads[s] = pool.submit(source.view, s)
-        batch, shard, local, needed = window.popleft()
-        views = {s: loads[s].result() for s in needed}
-        live = {s for p in window for s in p[3]}
-        for s in [s for s in loads if s not in live and s not in needed]:
-            loads.pop(s).cancel()
+    planned = []
+    first_use: dict[int, int] = {}
+    last_use: dict[int, int] = {}
+    for i, batch in enumerate(batches):
+        shard, local = source.locate(np.asarray(batch.rows, dtype=np.int64))
+        needed = list(dict.fromkeys(shard.tolist()))
+        planned.append((shard, local, needed))
         for s in needed:
-            if s not in live:
-                loads.pop(s)
+            first_use.setdefault(s, i)
+            last_use[s] = i
+    queue = list(first_use)  # shards in first-use order
+    loads: dict[int, cf.Future[ShardView]] = {}
+    submitted = due = 0  # queue positions: next shard to submit, first shard not yet needed
+    for i, (batch, (shard, local, needed)) in enumerate(zip(batches, planned, strict=True)):
+        while due < len(queue) and first_use[queue[due]] <= i:
+            due += 1
+        while submitted < min(len(queue), due + ahead):
+            loads[queue[submitted]] = pool.submit(source.view, queue[submitted])
+            submitted += 1
+        views = {s: loads[s].result() for s in needed}
+        for s in needed:
+            if last_use[s] == i:
+                del loads[s]
         yield batch, shard, local, views

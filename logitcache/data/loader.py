@@ -10,9 +10,9 @@ stopped (a fresh DataLoader iterator, with workers that copy the sampler's curre
 the end of an epoch, the loader moves on to the next one: a loop is just
 ``for epoch in ...: for batch in loader: ...``, with no ``set_epoch`` call.
 
-Resume rule (from the sampler): the state is a prefix of the epoch's global order, which depends
-on neither the world size, the batch size nor the number of workers. A run may resume with other
-values of all three; the rest of the epoch is split anew, nothing is repeated or skipped.
+Resume rule (from the sampler): with the same world size, batch size and number of workers the
+run continues exactly (same remaining rows, same order); with other values the rows the epoch
+has not served yet are assigned anew: nothing is repeated or skipped.
 
 Failure handling: errors raised while reading (``CacheIncompleteError`` when opening,
 ``ChecksumMismatchError`` naming the shard) reach the loop with their class and message, also from
@@ -102,7 +102,7 @@ class CachedLogitLoader:
         world_size: int | None = None,
         device: torch.device | str | None = None,
         options: TargetOptions | None = None,
-        window_shards: int = 4,
+        window_shards: int | None = None,
         readahead: int = 2,
         drop_last: bool = False,
         verify: bool = True,
@@ -118,6 +118,8 @@ class CachedLogitLoader:
             raise ConfigError(f"timeout must be > 0 seconds, got {timeout!r}")
         reader = CacheReader(url, verify=verify, storage_options=storage_options)
         self.manifest = reader.manifest
+        if window_shards is None:  # random: two blocks fit the shard LRU
+            window_shards = max(1, max_cached_shards // 2) if order == "random" else 4
         self.sampler = RowSampler(
             [s.rows for s in reader.manifest.shards],
             batch_size,
@@ -128,6 +130,7 @@ class CachedLogitLoader:
             world_size=world_size,
             drop_last=drop_last,
             split=split,
+            num_workers=num_workers,
         )
         self.dataset: CachedLogitDataset | StreamingLogitDataset
         if order == "random":
@@ -248,9 +251,10 @@ def make_loader(
 ) -> CachedLogitLoader:
     """A resumable loader of device batches from the cache at ``url``.
 
-    ``order``: ``"streaming"`` (default; shards read in order with read-ahead, rows shuffled within
-    windows of ``window_shards`` shards), ``"random"`` (full shuffle, random access; the cache's
-    shards should fit in ``max_cached_shards``) or ``"sequential"``. ``rank``/``world_size``
+    ``order``: ``"streaming"`` (default; each rank and worker reads its own shards with
+    read-ahead, rows shuffled within windows of ``window_shards`` shards, default 4),
+    ``"random"`` (map-style random access; rows shuffled within blocks of ``window_shards``
+    shards, default ``max_cached_shards // 2``) or ``"sequential"``. ``rank``/``world_size``
     default to torch.distributed's. ``device`` defaults to CUDA when available (pinned memory, side
     stream copies) else CPU. ``top_k``, ``keep_tail``, ``temperature``, ``positions``: see
     :class:`~logitcache.data.collate.TargetOptions`. Other keyword arguments go to

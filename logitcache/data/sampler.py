@@ -1,66 +1,84 @@
 """Which rows of the cache each rank and DataLoader worker reads, in which order, and how to resume.
 
-The sampler knows nothing about shards' contents: only how many rows each shard holds. It turns
-(seed, epoch) into one **global order** of all rows, cuts that order into **global steps** of
-``world_size * batch_size`` rows, and gives rank ``r`` the ``r``-th ``batch_size`` slice of every
-step. Everything below follows from that choice.
+The sampler knows nothing about shards' contents: only how many rows each shard holds. For each
+epoch it **assigns whole shards to reading processes**: a *unit* is DataLoader worker ``w`` of
+rank ``r`` (``W = max(1, num_workers)`` units per rank, ``world_size * W`` in all). Each unit
+reads only its own shards, so every shard is fetched and decoded **once per epoch over all ranks
+and workers** (before this design every rank and worker read every shard of a window: 256 reads
+of each shard at 64 ranks x 4 workers). The plan (``_assignment.py``) is a pure function of
+``(seed, epoch, world_size, num_workers, batch_size, drop_last)`` and the shard sizes:
+
+1. shards in the epoch's order go whole, one by one, to the rank with the fewest rows, then each
+   rank's shards to its lightest unit: no rank is more than one shard's rows ahead of another;
+2. a unit's rows are shuffled within **windows** of ``window_shards`` consecutive shards of its
+   own and cut into batches; a rank delivers its units' batches round-robin (a unit that has run
+   out is skipped), which is the order a DataLoader collects from the workers of an
+   ``IterableDataset``. A map-style DataLoader deals batch ``i`` to worker ``i % W``: the same
+   unit while the units' batch counts are equal (all but the epoch's last few batches).
 
 Orders (``order=``):
 
-- ``"random"``: a full random permutation of the rows; for map-style (random access) datasets.
-- ``"streaming"``: shards in random order, grouped in windows of ``window_shards`` consecutive
-  shards; rows are shuffled within a window only. Each shard is touched during one window of steps
-  and never again in the epoch, so a streaming reader fetches it once (the object-store path). The
-  price: a weaker shuffle (rows only mix with rows of the same window), and every rank reads a
-  slice of every shard in the window (each rank touches ``window_shards`` shards at a time).
-- ``"sequential"``: rows 0..N-1, for evaluation.
+- ``"streaming"``: shards in a hashed order per epoch; windows of ``window_shards`` shards
+  (default 4); for :class:`~logitcache.data.StreamingLogitDataset`, which reads a window's shards
+  ahead and drops each after its last use.
+- ``"random"``: the same with its own hash streams, for map-style (random access) datasets: a
+  unit's rows are drawn from *blocks* of ``window_shards`` shards, so its shard LRU (at least two
+  blocks) hits on every row but a block's first ones, at any world size; read amplification is
+  that of streaming (1.0 when every unit owns a shard).
+- ``"sequential"``: shards in cache order, rows ascending within each unit, for evaluation (one
+  rank, one worker: rows 0..N-1).
+
+Shuffle quality: a rank's batch mixes rows of the shards of one window (measured at batch 8,
+window 4: ~3.6 distinct shards) and a global batch those of ``world_size`` disjoint windows.
+Shuffles hash ``(seed, epoch, row)`` with splitmix64 and sort the hashes, never ``numpy.random``,
+whose streams may change between numpy versions; ``ORDER_VERSION`` in the state guards the
+algorithm.
 
 Splits (``split=("train" | "eval", fraction)``): :func:`split_mask` holds out a fixed,
 seed-independent ``fraction`` of the rows (by a hash of the global row index); the "train" sampler
-never yields them and the "eval" sampler yields only them. Orders are built over all rows and then
-filtered, so a split keeps each order's locality (streaming windows stay windows).
+never yields them and the "eval" sampler yields only them.
 
-Shuffles hash ``(seed, epoch, row)`` with splitmix64 and sort the hashes; they do not use
-``numpy.random``, whose streams may change between numpy versions: a resumed run on another machine
-must rebuild the very same order, and ``ORDER_VERSION`` in the state dict guards the algorithm.
+**Uneven rows under DDP.** Every rank must take the same number of optimizer steps, or DDP hangs.
+With ``drop_last=False`` (default, what the trainer uses) nothing is dropped: a unit's last batch
+is filled with repeats of its own rows and a rank with fewer batches than the longest gets whole
+padding batches; every batch has exactly ``batch_size`` rows (static shapes), and each
+:class:`RowBatch` carries ``is_pad`` (the collate zeroes those rows' loss mask, so counting only
+non-padded rows every row is seen exactly once per epoch; losses normalised by the all-reduced
+count are unchanged). Padding is at most ``batch_size - 1`` rows per unit plus one shard's rows
+and one batch per rank, e.g. <1% of the steps with 120-row shards and 60 shards per rank; it is
+the price of reading each shard once. With ``drop_last=True`` a unit's partial batch is dropped
+and every rank stops at the smallest rank's step count (those rows are skipped this epoch).
 
-**Uneven rows under DDP.** Every rank must take the same number of optimizer steps, or DDP hangs in
-an all-reduce. The last global step usually holds fewer than ``world_size * batch_size`` rows:
+**Resume.** The trainer calls :meth:`RowSampler.advance` after each step (the DataLoader
+prefetches ahead: only the loop knows what it finished). :meth:`state_dict` stores the epoch, the
+seed, and the epoch's **segments**: ``[world_size, W, batch_size, drop_last, steps]`` for each run
+of settings the epoch was iterated with. The rule:
 
-- ``drop_last=False`` (default, what the trainer uses): the last step is *padded* with repeats of
-  the epoch's first rows and every rank still gets exactly ``batch_size`` rows (static shapes, no
-  empty batch). Each :class:`RowBatch` carries ``is_pad``; the collate must zero the loss mask of
-  padded rows, so that, counting only non-padded rows, every row is seen exactly once per epoch.
-  Losses return ``(sum, count)`` and normalise by the all-reduced count, so padding changes nothing
-  else; a rank whose whole slice is padding contributes ``(0, 0)``. At most
-  ``world_size * batch_size - 1`` padded rows per epoch: negligible compute.
-- ``drop_last=True``: the last partial step is dropped; those rows are skipped in this epoch (a
-  different shuffle next epoch drops different rows).
+- *same settings*: the last segment continues where it stopped: the same remaining rows, in the
+  same order, per rank (exact). Its DataLoader worker ``j`` plays the ``j``-th unit in the order
+  the remaining steps first need them, so the round-robin collection order is the old one.
+- *other world size, workers, batch size or drop_last*: a new segment starts. Proof that every row
+  is still served exactly once: let ``R_0`` be the epoch's rows and ``R_{i+1} = R_i \\ C_i``,
+  where ``C_i`` is what segment ``i``'s first ``k_i`` steps served. The plan of segment ``i`` is a
+  function of ``R_i`` and its settings only (step 1 above deals every shard with rows in ``R_i``
+  to one unit, and a unit serves each of its rows once), so every process, now or at any later
+  resume, rebuilds the same ``C_i`` from the state: ``C_i`` are disjoint subsets of ``R_0``, and
+  the last segment serves all of ``R_last``. The union is ``R_0``, with no row twice.
+  A shard a previous segment was halfway through is read again by its new unit (at most a
+  window per old unit, once per resume).
 
-**Resume.** :meth:`RowSampler.state_dict` stores the epoch, the seed and ``consumed_rows``: how many
-rows of the global order the trainer has *finished* (the loop calls :meth:`RowSampler.advance`
-after each step; the DataLoader prefetches ahead, so only the loop knows). Because the consumed
-rows are always a prefix of a global order that depends on neither the world size nor the number of
-workers nor the batch size, a run resumes at that prefix and re-splits the rest over whatever world
-size and batch size it now has: nothing is repeated or skipped, with any world size. A state whose
-cache (row count, shard sizes) or order settings differ is refused with :class:`ConfigError`.
+A state whose cache (row count, shard sizes) or order settings differ is refused with
+:class:`ConfigError`; a state of the older global-order sampler (``order_version`` 1) is accepted
+at an epoch boundary only. Workers copy the sampler when they start, so use
+``persistent_workers=False`` (the default): each ``iter(loader)`` then sees the current state.
 
-**Workers.** :meth:`RowSampler.iter_batches` splits this rank's batches over DataLoader workers
-round-robin (worker ``w`` gets local batches ``w, w + W, ...``), which is exactly the order in which
-the DataLoader collects from the workers of an ``IterableDataset``. The stream a rank sees is
-therefore independent of ``num_workers``, which is what makes a resume with another worker count
-exact. Workers copy the sampler when they start, so create the DataLoader with
-``persistent_workers=False`` (the default): each ``iter(loader)`` then sees the current epoch and
-``consumed_rows``.
-
-The global order costs 4 bytes per row (8 above 2**31 rows) and an O(N log N) sort per epoch in each
-process that iterates; 10M rows take 1-3 s.
+Cost: planning is O(shards log ranks) per epoch in each process; a unit's rows are sorted within
+windows (O(rows/units log)); replaying earlier segments at a resume touches every row once.
 """
 
 from __future__ import annotations
 
 import hashlib
-import itertools
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import astuple, dataclass
 from typing import Any
@@ -69,26 +87,18 @@ import numpy as np
 import torch.utils.data
 
 from logitcache._distributed import current_rank_world
+from logitcache.data._assignment import Segment, SegmentPlan, hash_keys
 from logitcache.errors import ConfigError, LoaderError
 
 __all__ = ["ORDERS", "ORDER_VERSION", "SPLITS", "RowBatch", "RowSampler", "split_mask"]
 
 ORDERS = ("random", "streaming", "sequential")
-ORDER_VERSION = 1
+ORDER_VERSION = 2
 _STATE_KEYS = frozenset(
-    {
-        "order_version",
-        "epoch",
-        "seed",
-        "consumed_rows",
-        "num_rows",
-        "shards",
-        "order",
-        "window",
-        "split",
-    }
+    {"order_version", "epoch", "seed", "num_rows", "shards", "order", "window", "split"}
 )
 _U64 = np.uint64
+_HASH_STREAMS = {"random": (4, 5), "streaming": (1, 2)}  # (shard order, rows in windows)
 
 
 @dataclass(frozen=True, eq=False)
@@ -96,8 +106,8 @@ class RowBatch:
     """One rank's rows for one global step.
 
     ``rows``: [batch_size] int64 global row ids; ``is_pad``: [batch_size] bool, True for repeats
-    that only fill the last step (mask them out of the loss); ``epoch`` and ``start`` (the offset in
-    the epoch's global order where this global step begins) identify the step.
+    that only fill a batch (mask them out of the loss); ``epoch`` and ``start`` (the step's index
+    in the epoch, steps of earlier segments included) identify the step.
     """
 
     epoch: int
@@ -112,22 +122,6 @@ class RowBatch:
     def num_real(self) -> int:
         """How many rows are not padding."""
         return int(len(self.rows) - np.count_nonzero(self.is_pad))
-
-
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-    """A bijection on uint64 with good avalanche (Steele et al.); wraps on overflow by design."""
-    x = x + _U64(0x9E3779B97F4A7C15)
-    x = (x ^ (x >> _U64(30))) * _U64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> _U64(27))) * _U64(0x94D049BB133111EB)
-    return x ^ (x >> _U64(31))
-
-
-def _hash_keys(seed: int, epoch: int, stream: int, ids: np.ndarray) -> np.ndarray:
-    base = np.zeros(1, dtype=_U64)
-    for part in (seed, epoch, stream):
-        base = _splitmix64(base ^ _U64(part))
-    # xor with a constant and splitmix64 are both bijections: distinct ids give distinct keys.
-    return _splitmix64(ids.astype(_U64) ^ base)
 
 
 SPLITS = ("train", "eval")
@@ -145,7 +139,7 @@ def split_mask(num_rows: int, name: str, fraction: float) -> np.ndarray:
         raise ConfigError(f"split must be one of {SPLITS}, got {name!r}")
     if not 0.0 < float(fraction) < 1.0:
         raise ConfigError(f"held-out fraction must be in (0, 1), got {fraction!r}")
-    keys = _hash_keys(_SPLIT_SEED, 0, 3, np.arange(num_rows, dtype=np.int64))
+    keys = hash_keys(_SPLIT_SEED, 0, 3, np.arange(num_rows, dtype=np.int64))
     held_out = keys < _U64(int(float(fraction) * 2.0**64))
     return held_out if name == "eval" else ~held_out
 
@@ -157,13 +151,14 @@ def _check_int(name: str, value: object, minimum: int) -> int:
 
 
 class RowSampler:
-    """Deterministic, resumable, rank- and worker-split order over a cache's rows.
+    """Deterministic, resumable, shard-aware split of a cache's rows over ranks and workers.
 
     Map-style datasets: ``DataLoader(ds, sampler=sampler, batch_size=None)``; ``ds[batch]``
     receives a :class:`RowBatch`. Iterable datasets: ``__iter__`` of the dataset loops over
-    ``sampler.iter_batches()`` (which splits by DataLoader worker) and the DataLoader gets
-    ``batch_size=None``. In both cases the training loop calls :meth:`advance` once per step.
-    Rank and world size default to ``torch.distributed``'s when it is initialised.
+    ``sampler.iter_batches()`` (which picks this DataLoader worker's unit) and the DataLoader gets
+    ``batch_size=None``. In both cases pass the DataLoader's ``num_workers`` here too, and the
+    training loop calls :meth:`advance` once per step. Rank and world size default to
+    ``torch.distributed``'s when it is initialised.
     """
 
     def __init__(
@@ -178,6 +173,7 @@ class RowSampler:
         world_size: int | None = None,
         drop_last: bool = False,
         split: tuple[str, float] | None = None,
+        num_workers: int = 0,
     ) -> None:
         sizes = [_check_int("shard size", s, 0) for s in shard_sizes]
         if not sizes or sum(sizes) == 0:
@@ -192,9 +188,11 @@ class RowSampler:
         self.window_shards = _check_int("window_shards", window_shards, 1)
         self.rank, self.world_size = astuple(current_rank_world(rank, world_size))
         self.drop_last = bool(drop_last)
+        self.num_workers = _check_int("num_workers", num_workers, 0)
         self.epoch = 0
-        self.consumed_rows = 0
-        self._cached: tuple[tuple[int, int], np.ndarray] | None = None
+        self._history: list[tuple[Segment, int]] = []  # finished segments of this epoch
+        self._steps = 0  # steps of the current segment
+        self._cached: tuple[Any, tuple[SegmentPlan | None, list[SegmentPlan]]] | None = None
         self.split = split
         self._keep = None if split is None else split_mask(int(self._offsets[-1]), *split)
         self._num_rows = int(self._offsets[-1]) if self._keep is None else int(self._keep.sum())
@@ -229,42 +227,51 @@ class RowSampler:
         shard = np.searchsorted(self._offsets, rows, side="right") - 1
         return shard, rows - self._offsets[shard]
 
-    # -- the order -----------------------------------------------------------------------------
+    # -- the plan ------------------------------------------------------------------------------
 
-    def epoch_order(self, epoch: int | None = None) -> np.ndarray:
-        """The global order of all rows for ``epoch`` (default: the current one); read-only."""
-        epoch = self.epoch if epoch is None else _check_int("epoch", epoch, 0)
-        key = (self.seed, epoch)
-        if self._cached is None or self._cached[0] != key:
-            built = self._build_order(epoch)
-            built.flags.writeable = False
-            self._cached = (key, built)
-        return self._cached[1]
+    @property
+    def segment(self) -> Segment:
+        """The settings this sampler iterates with (one segment of the resume state)."""
+        workers = max(1, self.num_workers)
+        return Segment(self.world_size, workers, self.batch_size, self.drop_last)
 
-    def _build_order(self, epoch: int) -> np.ndarray:
-        rows = self._build_full_order(epoch)
-        return rows if self._keep is None else rows[self._keep[rows]]
-
-    def _build_full_order(self, epoch: int) -> np.ndarray:
-        n = int(self._offsets[-1])
-        dtype = np.int32 if n < 2**31 else np.int64
+    def shard_order(self, epoch: int) -> np.ndarray:
+        """Shard ids in the order the assignment deals them in ``epoch``."""
+        ids = np.arange(self.num_shards)
         if self.order == "sequential":
-            return np.arange(n, dtype=dtype)
-        if self.order == "random":
-            # keys are distinct, so any correct sort gives the same permutation
-            return np.argsort(_hash_keys(self.seed, epoch, 0, np.arange(n))).astype(dtype)
-        # streaming: shards in hashed order, then rows hashed within windows of shards.
-        shard_perm = np.argsort(_hash_keys(self.seed, epoch, 1, np.arange(self.num_shards)))
-        sizes = self._sizes[shard_perm]
-        out_start = np.cumsum(sizes) - sizes
-        shift = np.repeat(self._offsets[:-1][shard_perm] - out_start, sizes)
-        rows = (np.arange(n, dtype=np.int64) + shift).astype(dtype)
-        bounds = [*np.concatenate([[0], np.cumsum(sizes)])[:: self.window_shards].tolist(), n]
-        for lo, hi in itertools.pairwise(bounds):
-            if hi > lo:
-                window = rows[lo:hi]
-                rows[lo:hi] = window[np.argsort(_hash_keys(self.seed, epoch, 2, window))]
-        return rows
+            return ids
+        return np.argsort(hash_keys(self.seed, epoch, _HASH_STREAMS[self.order][0], ids))
+
+    def _make_plan(self, epoch: int, remaining: np.ndarray, segment: Segment) -> SegmentPlan:
+        shuffle = None
+        if self.order != "sequential":
+            shuffle = (self.seed, epoch, _HASH_STREAMS[self.order][1], self.window_shards)
+        return SegmentPlan(remaining, self._offsets, self.shard_order(epoch), segment, shuffle)
+
+    def _plans(self) -> tuple[SegmentPlan | None, list[SegmentPlan]]:
+        """(the current segment's plan, or None when an earlier one finished the epoch; the
+        earlier segments' plans)."""
+        key = (self.seed, self.epoch, tuple(self._history), self.segment)
+        if self._cached is None or self._cached[0] != key:
+            remaining = (
+                np.ones(int(self._offsets[-1]), bool) if self._keep is None else self._keep.copy()
+            )
+            done: list[SegmentPlan] = []
+            over = False
+            for seg, steps in self._history:
+                plan = self._make_plan(self.epoch, remaining, seg)
+                if steps > plan.steps:
+                    raise ConfigError(
+                        f"cannot resume: the state says {steps} steps were taken with {seg} in "
+                        f"epoch {self.epoch}, but that segment has only {plan.steps}; the state "
+                        "belongs to another cache or was edited"
+                    )
+                done.append(plan)
+                over = over or steps == plan.steps
+                remaining = remaining & ~plan.consumed(steps)
+            current = None if over else self._make_plan(self.epoch, remaining, self.segment)
+            self._cached = (key, (current, done))
+        return self._cached[1]
 
     # -- steps ---------------------------------------------------------------------------------
 
@@ -272,33 +279,25 @@ class RowSampler:
     def global_batch_size(self) -> int:
         return self.world_size * self.batch_size
 
-    def _steps_from(self, consumed: int) -> int:
-        remaining = self.num_rows - consumed
-        g = self.global_batch_size
-        return remaining // g if self.drop_last else -(-remaining // g)
-
     @property
     def steps_per_epoch(self) -> int:
-        """Steps every rank takes in a whole epoch (the same on every rank)."""
-        return self._steps_from(0)
+        """Steps every rank takes in a whole epoch with these settings (the same on every rank;
+        it may differ by one between epochs, with the shard assignment)."""
+        remaining = np.ones(int(self._offsets[-1]), bool) if self._keep is None else self._keep
+        return self._make_plan(self.epoch, remaining, self.segment).steps
 
     def __len__(self) -> int:
-        """Steps left in the current epoch from ``consumed_rows``."""
-        return self._steps_from(self.consumed_rows)
-
-    def _batch(self, epoch: int, order: np.ndarray, start: int) -> RowBatch:
-        idx = start + self.rank * self.batch_size + np.arange(self.batch_size, dtype=np.int64)
-        is_pad = idx >= self.num_rows
-        rows = order[idx % self.num_rows].astype(np.int64)
-        return RowBatch(epoch=epoch, start=start, rows=rows, is_pad=is_pad)
+        """Steps left in the current epoch."""
+        current = self._plans()[0]
+        return 0 if current is None else current.steps - self._steps
 
     def iter_batches(
         self, worker_id: int | None = None, num_workers: int | None = None
     ) -> Iterator[RowBatch]:
-        """This rank's remaining batches of the epoch, split round-robin over DataLoader workers.
-
-        Without arguments the worker comes from ``torch.utils.data.get_worker_info()`` (no split in
-        the main process). Batch ``i`` of this rank goes to worker ``i % num_workers``.
+        """This rank's remaining batches of the epoch: all of them (``num_workers`` 1, or in the
+        main process), or those of DataLoader worker ``worker_id`` of ``num_workers``, which must
+        be the sampler's ``num_workers``. Without arguments the worker comes from
+        ``torch.utils.data.get_worker_info()``.
         """
         if worker_id is None and num_workers is None:
             info = torch.utils.data.get_worker_info()
@@ -309,26 +308,59 @@ class RowSampler:
         worker_id = _check_int("worker_id", worker_id, 0)
         if worker_id >= num_workers:
             raise ConfigError(f"worker_id must be in [0, {num_workers}), got {worker_id}")
+        if num_workers not in (1, self.segment.workers):
+            raise ConfigError(
+                f"this sampler plans for {self.segment.workers} reading process(es) per rank "
+                f"(num_workers={self.num_workers}) but is iterated by DataLoader worker "
+                f"{worker_id} of {num_workers}; build it with RowSampler(..., "
+                f"num_workers={num_workers}), the DataLoader's value"
+            )
         # snapshot now: in the main process the loop calls advance() while this generator runs
-        return self._generate(self.epoch, self.consumed_rows, worker_id, num_workers)
+        current = self._plans()[0]
+        if current is None:
+            return iter(())
+        first = sum(steps for _, steps in self._history)
+        unit = None if num_workers == 1 else worker_id
+        return self._generate(current, self.epoch, first, self._steps, unit)
 
     def _generate(
-        self, epoch: int, consumed: int, worker_id: int, num_workers: int
+        self, plan: SegmentPlan, epoch: int, first: int, done: int, worker: int | None
     ) -> Iterator[RowBatch]:
-        order = self.epoch_order(epoch)
-        g = self.global_batch_size
-        for step in range(worker_id, self._steps_from(consumed), num_workers):
-            yield self._batch(epoch, order, consumed + step * g)
+        seq = plan.sequence(self.rank)
+        rest = seq[done:]
+        if worker is not None:
+            # worker j plays the j-th unit in the order the remaining steps first need them: a
+            # DataLoader's round-robin over its workers then reproduces the plan's order
+            units, first_at = np.unique(rest, return_index=True)
+            units = units[np.argsort(first_at)]
+            if worker >= len(units):
+                return
+            slots = done + np.flatnonzero(rest == units[worker])
+        else:
+            slots = np.arange(done, len(seq))
+        nth = np.zeros(len(seq), dtype=np.int64)  # the j-th batch of its unit
+        for u in range(plan.segment.workers):
+            at = np.flatnonzero(seq == u)
+            nth[at] = np.arange(len(at))
+        for slot in slots.tolist():
+            rows, is_pad = plan.batch(self.rank, int(seq[slot]), int(nth[slot]))
+            yield RowBatch(epoch=epoch, start=first + slot, rows=rows, is_pad=is_pad)
 
     def __iter__(self) -> Iterator[RowBatch]:
         return self.iter_batches()
+
+    def unit_shards(self, worker: int = 0) -> list[int]:
+        """The shards DataLoader worker ``worker`` of this rank reads in the current segment."""
+        current = self._plans()[0]
+        return [] if current is None else list(current.unit_shards[self.rank][worker])
 
     # -- progress and resume -------------------------------------------------------------------
 
     def set_epoch(self, epoch: int) -> None:
         """Start ``epoch`` from its beginning (call before each epoch, like DistributedSampler)."""
         self.epoch = _check_int("epoch", epoch, 0)
-        self.consumed_rows = 0
+        self._history = []
+        self._steps = 0
 
     def advance(self, steps: int = 1) -> None:
         """Record that the training loop finished ``steps`` more global steps."""
@@ -338,13 +370,23 @@ class RowSampler:
                 f"advance({steps}) goes past the end of epoch {self.epoch}: only {len(self)} "
                 f"step(s) were left; call set_epoch() to start the next epoch"
             )
-        self.consumed_rows = min(self.num_rows, self.consumed_rows + steps * self.global_batch_size)
+        self._steps += steps
+
+    @property
+    def consumed_rows(self) -> int:
+        """Real (not padding) rows of this epoch served so far, over all ranks."""
+        current, done = self._plans()
+        total = sum(p.consumed_count(k) for p, (_, k) in zip(done, self._history, strict=True))
+        return total + (0 if current is None else current.consumed_count(self._steps))
 
     def _fingerprint(self) -> str:
         return hashlib.sha256(self._sizes.astype("<i8").tobytes()).hexdigest()[:16]
 
     def state_dict(self) -> dict[str, Any]:
-        """A small JSON-able dict: where in which epoch's order the run stands."""
+        """A small JSON-able dict: the epoch and the segments of it already iterated."""
+        segments = [[*astuple(seg), steps] for seg, steps in self._history]
+        if self._steps:
+            segments.append([*astuple(self.segment), self._steps])
         return {
             "order_version": ORDER_VERSION,
             "epoch": self.epoch,
@@ -353,30 +395,68 @@ class RowSampler:
             "num_rows": self.num_rows,
             "shards": self._fingerprint(),
             "order": self.order,
-            "window": self.window_shards if self.order == "streaming" else None,
+            "window": None if self.order == "sequential" else self.window_shards,
             "split": None if self.split is None else [self.split[0], float(self.split[1])],
+            "segments": segments,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Resume from :meth:`state_dict`; any world size, batch size or worker count may differ."""
+        """Resume from :meth:`state_dict`; world size, batch size and workers may differ."""
         missing = _STATE_KEYS - set(state)
         if missing:
             raise ConfigError(f"sampler state lacks {sorted(missing)}; got keys {sorted(state)}")
         mine = self.state_dict()
+        legacy = state["order_version"] == 1 and state.get("consumed_rows") == 0
+        fields = ("num_rows", "shards", "order", "split")
         problems = [
             f"{k}: state has {state[k]!r}, this sampler has {mine[k]!r}"
-            for k in ("order_version", "num_rows", "shards", "order", "window", "split")
+            for k in (fields if legacy else ("order_version", *fields, "window"))
             if state[k] != mine[k]
         ]
         if problems:
             raise ConfigError(
                 "cannot resume: the sampler state was saved for another cache or order ("
                 + "; ".join(problems)
-                + "); resume with the same cache and order settings, or start a fresh run"
+                + "); resume with the same cache and order settings, or start a fresh run "
+                "(a state of order_version 1 resumes only at an epoch boundary)"
             )
-        consumed = _check_int("consumed_rows", state["consumed_rows"], 0)
-        if consumed > self.num_rows:
-            raise ConfigError(f"consumed_rows {consumed} exceeds the cache's {self.num_rows} rows")
+        segments = [] if legacy else state.get("segments")
+        if not isinstance(segments, list):
+            raise ConfigError(f"sampler state 'segments' must be a list, got {segments!r}")
+        history = [seg for seg in map(_parse_segment, segments) if seg[1] != 0]
+        before = (self.seed, self.epoch, self._history, self._steps)
         self.seed = _check_int("seed", state["seed"], 0)
         self.epoch = _check_int("epoch", state["epoch"], 0)
-        self.consumed_rows = consumed
+        self._history, self._steps = history, 0
+        if history and history[-1][0] == self.segment:  # same settings: continue exactly
+            self._history, self._steps = history[:-1], history[-1][1]
+        self._cached = None
+        try:
+            current = self._plans()[0]  # replays the segments: refuses a state that does not fit
+            if current is not None and self._steps > current.steps:
+                raise ConfigError(
+                    f"cannot resume: the state says {self._steps} steps were taken with "
+                    f"{self.segment} in epoch {self.epoch}, but that segment has only "
+                    f"{current.steps}; the state belongs to another cache or was edited"
+                )
+        except ConfigError:
+            self.seed, self.epoch, self._history, self._steps = before
+            self._cached = None
+            raise
+
+
+def _parse_segment(entry: object) -> tuple[Segment, int]:
+    if not isinstance(entry, list | tuple) or len(entry) != 5:
+        raise ConfigError(
+            f"a sampler state segment is [world_size, workers, batch_size, drop_last, steps], "
+            f"got {entry!r}"
+        )
+    drop_last, steps = entry[3], entry[4]
+    if not isinstance(drop_last, bool):
+        raise ConfigError(f"segment drop_last must be true or false, got {drop_last!r}")
+    ints = zip(_SEGMENT_INTS, entry[:3], strict=True)
+    sizes = [_check_int(f"segment {n}", v, 1) for n, v in ints]
+    return Segment(sizes[0], sizes[1], sizes[2], drop_last), _check_int("segment steps", steps, 0)
+
+
+_SEGMENT_INTS = ("world_size", "workers", "batch_size")

@@ -71,26 +71,70 @@ def run_ids(loader: Any, steps: int | None = None) -> list[list[int]]:
     return out
 
 
-@pytest.mark.parametrize(("order", "before", "after"), [("streaming", 0, 2), ("random", 2, 1)])
-def test_resume_equals_an_uninterrupted_run(
-    topk_url: str, order: str, before: int, after: int
+@pytest.mark.parametrize(("order", "workers"), [("streaming", 0), ("streaming", 2), ("random", 2)])
+def test_resume_with_the_same_settings_equals_an_uninterrupted_run(
+    topk_url: str, order: str, workers: int
 ) -> None:
-    full = make_loader(topk_url, 4, seed=3, order=order, num_workers=before)
+    full = make_loader(topk_url, 4, seed=3, order=order, num_workers=workers)
     reference = run_ids(full) + run_ids(full)  # two epochs
-    first = make_loader(topk_url, 4, seed=3, order=order, num_workers=before)
+    first = make_loader(topk_url, 4, seed=3, order=order, num_workers=workers)
     got = run_ids(first, steps=5)
     state = first.state_dict()
     del first
-    second = make_loader(topk_url, 4, seed=3, order=order, num_workers=after)
+    second = make_loader(topk_url, 4, seed=3, order=order, num_workers=workers)
     second.load_state_dict(state)
     got += run_ids(second)  # rest of epoch 0
     got += run_ids(second, steps=3)
     state = second.state_dict()
-    third = make_loader(topk_url, 4, seed=3, order=order, num_workers=before)
+    third = make_loader(topk_url, 4, seed=3, order=order, num_workers=workers)
     third.load_state_dict(state)
     got += run_ids(third)
     assert got == reference
     assert third.epoch == 2
+
+
+@pytest.mark.parametrize(("order", "before", "after"), [("streaming", 0, 2), ("random", 2, 1)])
+def test_resume_with_other_workers_and_world_serves_the_rest_once(
+    topk_url: str, order: str, before: int, after: int
+) -> None:
+    first = make_loader(topk_url, 4, seed=3, order=order, num_workers=before)
+    seen = [r for b in run_ids(first, steps=5) for r in b]
+    state = first.state_dict()
+    for rank in range(3):  # resume on 3 ranks with another batch size and worker count
+        rest = make_loader(
+            topk_url, 2, seed=3, order=order, num_workers=after, rank=rank, world_size=3
+        )
+        rest.load_state_dict(state)
+        seen += [r for b in rest for r in real_row_ids(b)]
+    assert sorted(seen) == list(range(1000, 1053))
+
+
+class CountingDataset(StreamingLogitDataset):
+    """Counts the shards this process decodes."""
+
+    def view(self, shard: int) -> Any:
+        self.decoded.append(shard)
+        return super().view(shard)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_each_shard_is_decoded_once_per_epoch_over_ranks_and_workers(
+    topk_url: str, world: int
+) -> None:
+    reader = CacheReader(topk_url)
+    sizes = [s.rows for s in reader.manifest.shards]
+    decoded = []
+    for rank in range(world):
+        for w in range(2):
+            sampler = RowSampler(
+                sizes, 2, order="streaming", rank=rank, world_size=world, num_workers=2, seed=1
+            )
+            ds = CountingDataset(topk_url, sampler, readahead=1)
+            ds.decoded = []
+            batches = list(ds._stream(sampler.iter_batches(w, 2)))
+            assert len(batches) == len(list(sampler.iter_batches(w, 2)))
+            decoded += ds.decoded
+    assert sorted(decoded) == list(range(len(sizes)))
 
 
 def test_collated_targets_equal_the_codec_decode(topk_url: str) -> None:
@@ -239,7 +283,7 @@ def test_device_side_decode_equals_the_codec_decode(topk_url: str, keep_tail: bo
     device_path.numpy_on_cpu = False
     start = 0
     for host in ds:
-        assert any(f[0] == "id_delta_lo" for f in host["layout"])  # compact to the device
+        assert any(f[0] == "id_lo" for f in host["layout"])  # compact to the device
         b = device_path(host)
         rows = int((~b["is_pad"]).sum())
         t = reader.read_rows(start, start + rows).targets
@@ -263,7 +307,7 @@ def test_damaged_codes_are_caught_by_the_cpu_decode(topk_url: str) -> None:
     with pytest.raises(CacheCorruptError, match="exceed levels"):
         TargetDequantizer(reader.codec)(host)
     host = next(iter(StreamingLogitDataset(topk_url, sampler)))
-    unpack(host)["id_delta_hi"][0, -1] = 255
+    unpack(host)["id_hi_delta"][0, -1] = 255
     with pytest.raises(CacheCorruptError, match="vocab_size"):
         TargetDequantizer(reader.codec)(host)
 
