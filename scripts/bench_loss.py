@@ -3,7 +3,8 @@
     python scripts/bench_loss.py                 # CPU: N=4096, H=1024, V in {32768, 131072}
     python scripts/bench_loss.py --vocabs 32768  # a quicker look
 
-On a CUDA machine it also runs the GPU configuration (N=16384, H=4096, V=131072, bf16).
+On a CUDA machine it also runs the GPU configuration (N=16384, H=4096, V=131072, bf16);
+``--device cuda`` runs that one alone (``scripts/gpu_check.sh``).
 
 Both sides compute the same loss (``kl`` with the tail bucket, k=64 teacher ids, every position
 selected) and the gradients of hidden and weight. "plain" is ``hidden @ weight.T`` followed by
@@ -154,6 +155,13 @@ def main() -> None:
         "--reps", type=int, default=1, help="timed repetitions (min); V > 32768 does one fewer"
     )
     ap.add_argument("--no-gpu", action="store_true", help="skip the GPU configuration")
+    ap.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="auto: CPU figures, then the GPU configuration when CUDA is there; "
+        "cuda: the GPU configuration (N=16384, H=4096, V=131072, bf16) alone",
+    )
     args = ap.parse_args()
 
     result: dict[str, object] = {
@@ -161,7 +169,9 @@ def main() -> None:
         "loss": args.loss,
         "threads": torch.get_num_threads(),
     }
-    for v in args.vocabs:
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: CUDA is not available on this machine")
+    for v in args.vocabs if args.device != "cuda" else []:
         c = make_case(args.tokens, args.hidden, v, args.k, torch.float32, "cpu", args.loss)
         r = bench(c, "cpu", args.reps if v <= 32768 else max(0, args.reps - 1))
         del c
@@ -173,7 +183,7 @@ def main() -> None:
         result[f"mem_ratio_v{v}"] = round(r["mem_ratio"], 4)
         result[f"time_ratio_v{v}"] = round(r["time_ratio"], 4)
         result[f"cpu_v{v}"] = {k: round(x, 4) for k, x in r.items()}
-    if torch.cuda.is_available() and not args.no_gpu:
+    if torch.cuda.is_available() and not args.no_gpu and args.device != "cpu":
         v = 131072
         c = make_case(16384, 4096, v, args.k, torch.bfloat16, "cuda", args.loss)
         r = bench(c, "cuda", 5)
