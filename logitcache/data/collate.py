@@ -13,22 +13,25 @@ unless marked optional):
   student's ``logits.flatten(0, 1).index_select(0, target_index)`` lines up with the targets,
   without the device sync a boolean index costs); ``target_labels`` int64 [N]: the labels there;
 - top-k targets, **as they cross to the device** (no ``top_k`` cut): the stored arrays of the kept
-  positions, unchanged: ``id_delta_lo`` uint8 and ``id_delta_hi`` uint8/uint16 [N, k] (byte planes
-  of the id differences) and either ``value_code`` [N, k] + ``tail_code`` [N] (sqrt codecs;
-  ``keep_tail=False`` adds the non-tensor ``keep_tail: False``: the tail code is still needed
-  for the normaliser) or ``logprobs`` [N, k] in the stored dtype + ``tail_logprob`` float32 [N].
-  That is 3 B per entry instead of 5 (int32 ids + codes), and the host does no per-entry
-  arithmetic: :class:`~logitcache.data.targets.TargetDequantizer` turns them on the device into
+  positions, unchanged: the codec's id arrays [N, k] (``id_lo`` + ``id_hi_delta`` (+
+  ``id_hi_delta_top`` above 65,536 ids), all uint8, or, in caches before format 1.2,
+  ``id_delta_lo`` uint8 + ``id_delta_hi`` uint8/uint16; see ``format/_decode.py``) and either
+  ``value_code`` [N, k] + ``tail_code`` [N] (sqrt codecs; ``keep_tail=False`` adds the non-tensor
+  ``keep_tail: False``: the tail code is still needed for the normaliser) or ``logprobs`` [N, k]
+  in the stored dtype + ``tail_logprob`` float32 [N]. That is 3 B per entry instead of 5 (int32
+  ids + codes), and the host does no per-entry arithmetic:
+  :class:`~logitcache.data.targets.TargetDequantizer` turns them on the device into
   ``target_ids`` int32 [N, k] (ascending within a position, padding id 0), float32
-  ``logprobs`` [N, k] (``log p = value_table[code] - log(sum q(codes) + q(tail_code))``; code 0 =
-  padding = ``-inf``) and ``tail_logprob`` float32 [N];
+  ``logprobs`` [N, k] (``log p = value_table[code] - log(sum q(codes) + q(tail_code))``, the
+  formula of ``format/_decode.py``; code 0 = padding = ``-inf``) and ``tail_logprob`` float32 [N];
 - top-k targets with a ``top_k`` cut (the host must decode to choose the k'): ``target_ids`` int32
   [N, k'] and, for sqrt codecs, ``value_code`` [N, k'] + ``value_lognorm`` float32 [N] (the
   normaliser over all k + 1 stored buckets), else ``logprobs``; ``tail_logprob`` float32 [N]
   (optional: ``keep_tail=False`` drops it);
 - sampled targets: ``target_ids`` int32 [N, m] and ``counts`` int32 [N, m], padded to the batch's
-  largest ``m`` with id 0 and count 0; ``num_draws`` (int); optional ``logprob_code`` uint8 or
-  ``logprobs`` float16 [N, m] when the cache stores the sampled ids' log-probs;
+  largest ``m`` with id 0 and count 0; ``samples`` (int: draws per position); optional
+  ``logprob_code`` uint8 or ``logprobs`` float16 [N, m] when the cache stores the sampled ids'
+  log-probs;
 - ``temperature_lognorm`` float32 [N] (optional): ``log sum_v p_v^(1/T)`` for
   ``TargetOptions.temperature`` when the cache recorded that T;
 - ``kind``: ``"topk"`` or ``"sampled"``.
@@ -39,6 +42,15 @@ ascending id order, and the mass of the dropped entries is *added to the tail bu
 then the mass outside the k' kept ids, exactly what a top-k' dump would have stored (up to the
 quantisation of the dropped entries). The sqrt normaliser stays the one over all k + 1 stored
 buckets, so the kept log-probs are those of the full decode.
+
+**Checked once per shard, on the host.** :meth:`Collator.view` (the loader builds every shard view
+through it) refuses a shard whose decoded ids leave ``[0, vocab_size)``, whose value codes exceed
+the codec's levels, or whose ``input_ids`` (hence labels) leave ``[0, padded_vocab_size)``, naming
+the shard file and rows (:class:`~logitcache.errors.CacheCorruptError`). The encoder refuses such
+values, so only damage or a hand-edited cache gets there. Checking here costs one sum per
+position when a shard is loaded (its zstd decompression costs far more), so neither the collate
+of each batch nor the device decode nor the training step pays a check: a range check of ids on
+the GPU (``int(ids.min())``) is a host synchronisation per step.
 
 **DDP padding.** Rows with ``is_pad`` keep their tokens (static shapes) but have an all-false
 ``position_mask``, all ``-100`` labels and no targets: they add nothing to a ``(sum, count)`` loss.
@@ -68,10 +80,17 @@ from logitcache.data._gather import (
 )
 from logitcache.data._packing import allocate, pack
 from logitcache.errors import CacheCorruptError, ConfigError
-from logitcache.format._sparse import join_planes, sqrt_tables
+from logitcache.format._decode import (
+    bad_id_positions,
+    decode_entry_ids_np,
+    decode_ids_np,
+    id_array_dtypes,
+    sqrt_cut_np,
+)
 from logitcache.format.manifest import Manifest
 from logitcache.format.sampled import SampledCodec
 from logitcache.format.topk import TopKCodec
+from logitcache.store.base import EncodedRows
 
 __all__ = ["IGNORE_INDEX", "Collator", "PositionSelector", "TargetOptions", "select_top"]
 
@@ -109,17 +128,6 @@ def select_top(score: np.ndarray, k: int) -> np.ndarray:
     return np.sort(order, axis=1)
 
 
-def _decode_ids(lo: np.ndarray, hi: np.ndarray, vocab_size: int) -> np.ndarray:
-    ids = np.empty(lo.shape, dtype=np.int32)
-    np.cumsum(join_planes(lo, hi), axis=1, out=ids)
-    if ids.size and int(ids[:, -1].max()) >= vocab_size:
-        raise CacheCorruptError(
-            f"decoded target id {int(ids[:, -1].max())} >= vocab_size {vocab_size}: a shard's id "
-            "arrays are damaged; run `logitcache verify` and re-copy or re-dump the cache"
-        )
-    return ids
-
-
 class Collator:
     """Builds host batches for one cache (its codec, sequence length and temperatures)."""
 
@@ -127,6 +135,8 @@ class Collator:
         self.options = options or TargetOptions()
         self.codec = manifest.codec
         self.seq_len = manifest.seq_len
+        self._shard_paths = tuple(r.path for r in manifest.shards)
+        self._input_vocab = manifest.padded_vocab_size
         self.kind = manifest.targets.method
         if not isinstance(self.codec, TopKCodec | SampledCodec):
             raise ConfigError(f"the loader cannot collate codec {self.codec.name!r}")
@@ -150,6 +160,52 @@ class Collator:
             for n in self._position_arrays
             if n != "temperature_lognorm" and (self.options.keep_tail or n != "tail_logprob")
         )
+
+    def view(self, index: int, data: EncodedRows) -> ShardView:
+        """The view of shard ``index`` (just loaded), after the once-per-shard range checks."""
+        view = ShardView.build(index, data, self.codec.entry_count_array)
+        problem = self._check_shard(view)
+        if problem is not None:
+            what, positions = problem
+            rows = np.unique(np.searchsorted(view.pos_off, positions, side="right") - 1)
+            where = self._shard_paths[index] if index < len(self._shard_paths) else "?"
+            raise CacheCorruptError(
+                f"shard {index} ({where}) is damaged: {what} at {positions.size} positions in "
+                f"{rows.size} rows (row ids {data.row_id[rows[:5]].tolist()}"
+                f"{' ...' if rows.size > 5 else ''}); run `logitcache verify` and re-copy or "
+                "re-dump the cache"
+            )
+        return view
+
+    def _check_shard(self, view: ShardView) -> tuple[str, np.ndarray] | None:
+        """(what is wrong, the positions concerned) or None; see the module docstring."""
+        data, codec = view.data, self.codec
+        ids = data.input_ids
+        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= self._input_vocab):
+            bad_rows = np.flatnonzero(((ids < 0) | (ids >= self._input_vocab)).any(axis=1))
+            return (
+                f"input_ids outside [0, {self._input_vocab}) (padded_vocab_size)",
+                view.pos_off[bad_rows],
+            )
+        enc = data.encoded
+        if isinstance(codec, TopKCodec):
+            names = id_array_dtypes(codec.id_layout, codec.vocab_size)
+            bad = bad_id_positions({n: enc[n] for n in names}, codec.vocab_size)
+            if bad.size:
+                return f"decoded teacher ids >= vocab_size {codec.vocab_size}", bad
+            if codec.values == "sqrt":
+                codes, tail_codes, levels = enc["value_code"], enc["tail_code"], codec.quant_levels
+                if codes.size and max(int(codes.max()), int(tail_codes.max())) > levels:
+                    over = (codes > levels).any(axis=1) | (tail_codes > levels)
+                    return f"value codes exceed levels={levels}", np.flatnonzero(over)
+        elif isinstance(codec, SampledCodec) and view.ent_off is not None:
+            num_unique = enc["num_unique"].astype(np.int64)
+            ids_e = decode_entry_ids_np(enc["id_delta_lo"], enc["id_delta_hi"], num_unique)
+            bad_e = np.flatnonzero(ids_e >= codec.vocab_size)
+            if bad_e.size:
+                bad = np.unique(np.searchsorted(view.ent_off, bad_e, side="right") - 1)
+                return f"decoded sampled ids >= vocab_size {codec.vocab_size}", bad
+        return None
 
     def __call__(
         self,
@@ -225,32 +281,17 @@ class Collator:
     # -- top-k ---------------------------------------------------------------------------------
 
     def _topk(self, codec: TopKCodec, pos: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        ids = _decode_ids(pos["id_delta_lo"], pos["id_delta_hi"], codec.vocab_size)
+        ids = decode_ids_np(pos)  # the shard was range-checked when loaded (view)
         k2 = codec.k if self.options.top_k is None else min(self.options.top_k, codec.k)
         cut = k2 < codec.k
         out: dict[str, np.ndarray] = {}
         if codec.values == "sqrt":
-            codes, tail_codes = pos["value_code"], pos["tail_code"]
-            levels = codec.quant_levels
-            if codes.size and max(int(codes.max()), int(tail_codes.max())) > levels:
-                raise CacheCorruptError(
-                    f"value codes exceed levels={levels}: a shard's value arrays are damaged; "
-                    "run `logitcache verify` and re-copy or re-dump the cache"
-                )
-            probt = sqrt_tables(levels)[1]
-            p = np.take(probt, codes)
-            tail = np.take(probt, tail_codes)
-            z = p.sum(axis=1) + tail
-            if cut:
-                cols = select_top(codes, k2)
-                codes = np.take_along_axis(codes, cols, axis=1)
+            codes = pos["value_code"]
+            cols = select_top(codes, k2) if cut else None
+            kept, lognorm, tail = sqrt_cut_np(codes, pos["tail_code"], codec.quant_levels, cols)
+            if cols is not None:
                 ids = np.take_along_axis(ids, cols, axis=1)
-                np.put_along_axis(p, cols, 0.0, axis=1)
-                tail = tail + p.sum(axis=1)  # the dropped entries join the tail bucket
-            with np.errstate(divide="ignore"):
-                lognorm = np.log(z)
-                out["tail_logprob"] = np.log(tail) - lognorm
-            out["value_code"], out["value_lognorm"] = codes, lognorm
+            out["value_code"], out["value_lognorm"], out["tail_logprob"] = kept, lognorm, tail
         else:
             lp, tail_lp = pos["logprobs"], pos["tail_logprob"]
             if cut:
@@ -296,18 +337,13 @@ class Collator:
             for e in entry_arrays:
                 flat[e][e_dst] = views[s].data.encoded[e][e_src]
         valid = np.arange(width)[None, :] < m[:, None]
-        d = join_planes(flat["id_delta_lo"], flat["id_delta_hi"]).reshape(n, width)
-        ids = np.empty((n, width), dtype=np.int32)
-        np.cumsum(d, axis=1, out=ids)
+        # each position's entries, padded with zero steps, are one row of the "delta" layout
+        planes = {a: flat[a].reshape(n, width) for a in ("id_delta_lo", "id_delta_hi")}
+        ids = decode_ids_np(planes)  # the shard was range-checked when loaded (view)
         ids[~valid] = 0
-        if ids.size and int(ids.max()) >= codec.vocab_size:
-            raise CacheCorruptError(
-                f"decoded sampled id {int(ids.max())} >= vocab_size {codec.vocab_size}: a "
-                "shard's id arrays are damaged; re-copy or re-dump the cache"
-            )
         counts = flat["count_minus1"].reshape(n, width).astype(np.int32) + 1
         counts[~valid] = 0
-        out: dict[str, Any] = {"target_ids": ids, "counts": counts, "num_draws": codec.n}
+        out: dict[str, Any] = {"target_ids": ids, "counts": counts, "samples": codec.samples}
         if "logprob_code" in flat:
             out["logprob_code"] = flat["logprob_code"].reshape(n, width)  # pad code 0 = -inf
         elif "logprobs" in flat:

@@ -358,7 +358,7 @@ def _codec(config: DumpConfig, vocab: int) -> tuple[TargetCodec, TargetsInfo]:
         )
         return codec, TargetsInfo("topk", k=config.k, tail="bucket", temperatures=temps)
     codec = SampledCodec(
-        n=config.samples,
+        samples=config.samples,
         vocab_size=vocab,
         num_temperatures=len(temps),
         logprobs=config.sample_logprobs,

@@ -1,12 +1,14 @@
 """Shared pieces of the top-k and sampled codecs: parameter checks, id delta planes, sqrt quantiser.
 
-Id delta planes. Ids are sorted ascending within a position and replaced by their differences
-(``d[0] = id[0]``, ``d[j] = id[j] - id[j-1] >= 0``). The differences are split into a low byte plane
-(``d & 0xFF``, uint8) and a high plane (``d >> 8``: uint8 when ``vocab_size <= 65536``, else
-uint16), stored as two arrays. On real top-k sets ~70% of the differences are below 256, so the
-high plane is mostly zeros and compresses to ~0.27 B/entry, while the low plane keeps the byte
-sequences that repeat between neighbouring positions intact for zstd's matcher (splitting the
-differences further, into exponent/mantissa or nibbles, broke those matches and cost 10-20% more).
+Id delta planes (the sampled codec, and top-k caches written before format 1.2). Ids are sorted
+ascending within a position and replaced by their differences (``d[0] = id[0]``,
+``d[j] = id[j] - id[j-1] >= 0``). The differences are split into a low byte plane (``d & 0xFF``,
+uint8) and a high plane (``d >> 8``: uint8 when ``vocab_size <= 65536``, else uint16), stored as
+two arrays. On real top-k sets ~70% of the differences are below 256, so the high plane is mostly
+zeros and compresses to ~0.27 B/entry, while the low plane keeps the byte sequences that repeat
+between neighbouring positions intact for zstd's matcher (splitting the differences further, into
+exponent/mantissa or nibbles, broke those matches and cost 10-20% more). Decoding, and the top-k
+codec's newer ``"hi-delta"`` layout, live in ``_decode``.
 
 Sqrt quantiser. A probability ``p`` is stored as a code ``c = min(floor(sqrt(p) * L), L - 1) + 1``
 in ``1..L`` (``c = 0`` means zero mass, log-prob ``-inf``) and read back at the bin midpoint,
@@ -89,18 +91,6 @@ def split_planes(d: np.ndarray, vocab_size: int) -> tuple[np.ndarray, np.ndarray
     lo = (d & 0xFF).astype(np.uint8)
     hi = (d >> 8).astype(hi_dtype(vocab_size))
     return lo, hi
-
-
-def join_planes(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-    """(low plane, high plane) -> id differences as int32 (uint8 high) or int64 (uint16 high)."""
-    if hi.dtype == np.uint8:
-        # Interleave the planes into little-endian uint16 without an intermediate int32 pass.
-        out = np.empty(lo.shape, dtype=np.uint16)
-        pairs = out.view(np.uint8).reshape(*lo.shape, 2)
-        pairs[..., 0] = lo
-        pairs[..., 1] = hi
-        return out
-    return lo.astype(np.int64) | (hi.astype(np.int64) << 8)
 
 
 def levels_for_kl(num_entries: int, kl: float) -> int:

@@ -1,14 +1,15 @@
-"""The sampled codec (RS-KD, Anshumann et al. 2025): unique ids drawn in n draws, with counts.
+"""The sampled codec (RS-KD, Anshumann et al. 2025): unique ids drawn in ``samples`` draws.
 
 Layout (full spec in ``docs/codecs.md``); P positions, E = sum of ``num_unique`` entries:
 
-- ``num_unique`` [P], position level, the entry count array: uint8 when ``min(n, vocab_size) <=
-  255``, uint16 when ``<= 65535``, else int32;
+- ``num_unique`` [P], position level, the entry count array: uint8 when
+  ``min(samples, vocab_size) <= 255``, uint16 when ``<= 65535``, else int32;
 - ``id_delta_lo`` uint8 [E] and ``id_delta_hi`` uint8/uint16 [E] (uint16 when ``vocab_size >
   65536``): ids ascending within a position, difference coded with the first entry of each position
-  absolute, split in byte planes (the same transform as the top-k codec);
-- ``count_minus1`` [E]: draws per id minus one, uint8 when ``n <= 256``, uint16 when ``n <= 65536``,
-  else int32 (counts are >= 1 and most are 1 on real text, so the plane is mostly zeros);
+  absolute, split in byte planes (the top-k codec's ``"delta"`` id layout);
+- ``count_minus1`` [E]: draws per id minus one, uint8 when ``samples <= 256``, uint16 when
+  ``samples <= 65536``, else int32 (counts are >= 1 and most are 1 on real text, so the plane is
+  mostly zeros);
 - the sampled ids' teacher log-probs, by ``logprobs`` mode: ``"none"`` (nothing stored),
   ``"uint8"`` (``logprob_code`` uint8 [E], uniform in log space, see below) or ``"float16"``
   (``logprobs`` float16 [E]);
@@ -33,12 +34,12 @@ from typing import Any, ClassVar
 import numpy as np
 
 from logitcache.errors import CodecError, ConfigError
+from logitcache.format._decode import decode_entry_ids_np
 from logitcache.format._sparse import (
     check_ids,
     check_int,
     check_keys,
     hi_dtype,
-    join_planes,
     require,
     split_planes,
 )
@@ -75,19 +76,24 @@ def _segment_sums(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
 @register_codec
 @dataclass(frozen=True)
 class SampledCodec(TargetCodec):
-    """Codec for :class:`SampledTargets` with ``n`` draws per position."""
+    """Codec for :class:`SampledTargets` with ``samples`` draws per position.
+
+    The manifest's codec entry spells the number of draws ``"n"`` (the on-disk key since format
+    1.0); everywhere in Python it is ``samples``, as in ``TargetsInfo.samples`` and the dump's
+    ``--samples``.
+    """
 
     name: ClassVar[str] = "sampled"
     entry_count_array: ClassVar[str | None] = "num_unique"
 
-    n: int
+    samples: int
     vocab_size: int
     num_temperatures: int = 0
     logprobs: str = "none"
     logprob_floor: float = -20.0
 
     def __post_init__(self) -> None:
-        check_int("n", self.n, 1, 1 << 24)
+        check_int("samples", self.samples, 1, 1 << 24)
         check_int("vocab_size", self.vocab_size, 1, 1 << 24)
         check_int("num_temperatures", self.num_temperatures, 0, 1024)
         require(
@@ -113,7 +119,7 @@ class SampledCodec(TargetCodec):
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
-            "n": self.n,
+            "n": self.samples,  # the on-disk key
             "vocab_size": self.vocab_size,
             "num_temperatures": self.num_temperatures,
             "logprobs": self.logprobs,
@@ -122,19 +128,19 @@ class SampledCodec(TargetCodec):
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> SampledCodec:
-        keys = {"n", "vocab_size", "num_temperatures", "logprobs", "logprob_floor"}
-        check_keys(d, "sampled", keys, set())
+        keys = {"vocab_size", "num_temperatures", "logprobs", "logprob_floor"}
+        check_keys(d, "sampled", keys | {"n"}, set())
         require(
             d.get("name", cls.name) == cls.name, f"not a sampled codec entry: {d.get('name')!r}"
         )
-        return cls(**{key: d[key] for key in keys})
+        return cls(samples=d["n"], **{key: d[key] for key in keys})
 
     def array_specs(self) -> tuple[ArraySpec, ...]:
         specs = [
-            ArraySpec("num_unique", _count_dtype(min(self.n, self.vocab_size)), "position"),
+            ArraySpec("num_unique", _count_dtype(min(self.samples, self.vocab_size)), "position"),
             ArraySpec("id_delta_lo", "uint8", "entry"),
             ArraySpec("id_delta_hi", hi_dtype(self.vocab_size), "entry"),
-            ArraySpec("count_minus1", _count_dtype(self.n - 1), "entry"),
+            ArraySpec("count_minus1", _count_dtype(self.samples - 1), "entry"),
         ]
         if self.logprobs == "uint8":
             specs.append(ArraySpec("logprob_code", "uint8", "entry"))
@@ -161,11 +167,11 @@ class SampledCodec(TargetCodec):
         lo, hi = split_planes(d, self.vocab_size)
         out = {
             "num_unique": np.asarray(t.num_unique).astype(
-                _count_dtype(min(self.n, self.vocab_size))
+                _count_dtype(min(self.samples, self.vocab_size))
             ),
             "id_delta_lo": lo,
             "id_delta_hi": hi,
-            "count_minus1": (np.asarray(t.counts) - 1).astype(_count_dtype(self.n - 1)),
+            "count_minus1": (np.asarray(t.counts) - 1).astype(_count_dtype(self.samples - 1)),
         }
         if self.logprobs != "none":
             out.update(self._encode_logprobs(t.logprobs))
@@ -188,10 +194,10 @@ class SampledCodec(TargetCodec):
             CodecError,
         )
         sums = _segment_sums(counts, offsets)
-        bad = np.flatnonzero(sums != self.n)
+        bad = np.flatnonzero(sums != self.samples)
         require(
             bad.size == 0,
-            f"sampled counts of each position must sum to n={self.n}; position "
+            f"sampled counts of each position must sum to samples={self.samples}; position "
             f"{bad[0] if bad.size else -1} sums to {sums[bad[0]] if bad.size else -1}",
             CodecError,
         )
@@ -226,7 +232,7 @@ class SampledCodec(TargetCodec):
         return {"logprob_code": c.astype(np.uint8)}
 
     def decode(self, arrays: Mapping[str, np.ndarray]) -> SampledTargets:
-        nu_dtype = _count_dtype(min(self.n, self.vocab_size))
+        nu_dtype = _count_dtype(min(self.samples, self.vocab_size))
         num_unique = get_array(arrays, "num_unique", nu_dtype, (-1,)).astype(np.int32)
         p = num_unique.shape[0]
         offsets = np.zeros(p + 1, dtype=np.int64)
@@ -234,21 +240,19 @@ class SampledCodec(TargetCodec):
         e = int(offsets[-1])
         lo = get_array(arrays, "id_delta_lo", "uint8", (e,))
         hi = get_array(arrays, "id_delta_hi", hi_dtype(self.vocab_size), (e,))
-        cs = np.cumsum(join_planes(lo, hi), dtype=np.int64)
-        # Each position's first delta is absolute: subtract the running sum before it.
-        before = np.concatenate(([0], cs))[offsets[:-1]]
-        ids = cs - np.repeat(before, num_unique)
+        ids = decode_entry_ids_np(lo, hi, num_unique)
         if e and int(ids.max()) >= self.vocab_size:
             raise CodecError(
                 f"decoded sampled id {int(ids.max())} >= vocab_size {self.vocab_size}: "
                 "the id arrays are corrupted or belong to another codec"
             )
-        counts = get_array(arrays, "count_minus1", _count_dtype(self.n - 1), (e,)).astype(np.int32)
+        count_dtype = _count_dtype(self.samples - 1)
+        counts = get_array(arrays, "count_minus1", count_dtype, (e,)).astype(np.int32)
         counts += 1
         sums = _segment_sums(counts, offsets)
-        if p and not (bool(np.all(sums == self.n)) and int(num_unique.min()) >= 1):
+        if p and not (bool(np.all(sums == self.samples)) and int(num_unique.min()) >= 1):
             raise CodecError(
-                f"decoded sampled counts do not sum to n={self.n} at every position: "
+                f"decoded sampled counts do not sum to samples={self.samples} at every position: "
                 "the count arrays are corrupted"
             )
         logprobs: np.ndarray | None = None

@@ -2,9 +2,12 @@
 
 Layout (all arrays position level, leading axis = positions; full spec in ``docs/codecs.md``):
 
-- ``id_delta_lo`` uint8 [P, k] and ``id_delta_hi`` uint8/uint16 [P, k]: ids sorted ascending within
-  each position, difference coded (first entry absolute), split in byte planes (see ``_sparse``).
-  Decoded entries therefore come back **sorted by id**, not by probability.
+- ids, sorted ascending within each position, by ``id_layout`` (see ``_decode``): ``"hi-delta"``
+  (default) stores ``id_lo`` uint8 [P, k] (the low byte of each id) and ``id_hi_delta`` uint8
+  [P, k] (+ ``id_hi_delta_top`` uint8 [P, k] when ``vocab_size > 65536``): the differences of
+  ``id >> 8``; ``"delta"`` (caches written before format 1.2) stores ``id_delta_lo`` uint8 and
+  ``id_delta_hi`` uint8/uint16 [P, k], byte planes of the id differences. Decoded entries
+  therefore come back **sorted by id**, not by probability.
 - values, one of three modes:
   - ``"sqrt"`` (default, quantised): ``value_code`` [P, k] and ``tail_code`` [P], uint8 when
     ``levels <= 255`` else uint16; code ``c`` means unnormalised probability
@@ -34,17 +37,22 @@ from typing import Any, ClassVar
 import numpy as np
 
 from logitcache.errors import CodecError, ConfigError
+from logitcache.format._decode import (
+    ID_LAYOUTS,
+    bad_id_positions,
+    decode_ids_np,
+    encode_ids,
+    id_array_dtypes,
+    sqrt_dequantize_np,
+)
 from logitcache.format._sparse import (
     MAX_LEVELS,
     check_ids,
     check_int,
     check_keys,
     code_dtype,
-    hi_dtype,
-    join_planes,
     levels_for_kl,
     require,
-    split_planes,
     sqrt_encode,
     sqrt_tables,
 )
@@ -77,7 +85,11 @@ def get_array(
 @register_codec
 @dataclass(frozen=True)
 class TopKCodec(TargetCodec):
-    """Codec for :class:`TopKTargets`. ``levels=None`` picks levels for a 1e-3 nats/token budget."""
+    """Codec for :class:`TopKTargets`. ``levels=None`` picks levels for a 1e-3 nats/token budget.
+
+    ``id_layout``: how ids are stored (``"hi-delta"``, the default, or ``"delta"``, what caches
+    before format 1.2 hold; a manifest's codec entry without the key means ``"delta"``).
+    """
 
     name: ClassVar[str] = "topk"
 
@@ -86,8 +98,13 @@ class TopKCodec(TargetCodec):
     num_temperatures: int = 0
     values: str = "sqrt"
     levels: int | None = None
+    id_layout: str = ID_LAYOUTS[0]
 
     def __post_init__(self) -> None:
+        require(
+            self.id_layout in ID_LAYOUTS,
+            f"top-k id_layout must be one of {ID_LAYOUTS}, got {self.id_layout!r}",
+        )
         check_int("k", self.k, 1, 1 << 24)
         check_int("vocab_size", self.vocab_size, 1, 1 << 24)
         check_int("num_temperatures", self.num_temperatures, 0, 1024)
@@ -144,11 +161,14 @@ class TopKCodec(TargetCodec):
         }
         if self.values == "sqrt":
             d["levels"] = self.levels
+        if self.id_layout != "delta":  # absent: the layout of caches before format 1.2
+            d["id_layout"] = self.id_layout
         return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> TopKCodec:
-        check_keys(d, "topk", {"k", "vocab_size", "num_temperatures", "values"}, {"levels"})
+        required = {"k", "vocab_size", "num_temperatures", "values"}
+        check_keys(d, "topk", required, {"levels", "id_layout"})
         require(d.get("name", cls.name) == cls.name, f"not a topk codec entry: {d.get('name')!r}")
         return cls(
             k=d["k"],
@@ -156,13 +176,14 @@ class TopKCodec(TargetCodec):
             num_temperatures=d["num_temperatures"],
             values=d["values"],
             levels=d.get("levels"),
+            id_layout=d.get("id_layout", "delta"),
         )
 
     def array_specs(self) -> tuple[ArraySpec, ...]:
         k = (self.k,)
         specs = [
-            ArraySpec("id_delta_lo", "uint8", "position", k),
-            ArraySpec("id_delta_hi", hi_dtype(self.vocab_size), "position", k),
+            ArraySpec(name, dtype, "position", k)
+            for name, dtype in id_array_dtypes(self.id_layout, self.vocab_size).items()
         ]
         if self.values == "sqrt":
             cd = code_dtype(self.quant_levels)
@@ -190,9 +211,8 @@ class TopKCodec(TargetCodec):
         ids = np.asarray(targets.ids)
         order = np.argsort(ids, axis=1, kind="stable")
         ids_sorted = np.take_along_axis(ids, order, axis=1).astype(np.int64)
-        lo, hi = split_planes(np.diff(ids_sorted, axis=1, prepend=0), self.vocab_size)
+        out = encode_ids(ids_sorted, self.id_layout, self.vocab_size)
         logprobs = np.take_along_axis(np.asarray(targets.logprobs), order, axis=1)
-        out: dict[str, np.ndarray] = {"id_delta_lo": lo, "id_delta_hi": hi}
         if self.values == "sqrt":
             out["value_code"] = sqrt_encode(logprobs, self.quant_levels)
             out["tail_code"] = sqrt_encode(np.asarray(targets.tail_logprob), self.quant_levels)
@@ -225,18 +245,18 @@ class TopKCodec(TargetCodec):
         )
 
     def decode(self, arrays: Mapping[str, np.ndarray]) -> TopKTargets:
-        lo = get_array(arrays, "id_delta_lo", "uint8", (-1, self.k))
-        p = lo.shape[0]
-        hi = get_array(arrays, "id_delta_hi", hi_dtype(self.vocab_size), (p, self.k))
-        d = join_planes(lo, hi)
-        max_d = 0xFFFF if hi.dtype == np.uint8 else 0xFFFFFF
-        acc = np.int32 if self.k * max_d < 2**31 else np.int64
-        ids = np.cumsum(d, axis=1, dtype=acc)
-        if p and int(ids[:, -1].max()) >= self.vocab_size:
+        id_dtypes = id_array_dtypes(self.id_layout, self.vocab_size)
+        first = next(iter(id_dtypes))
+        p = get_array(arrays, first, "uint8", (-1, self.k)).shape[0]
+        planes = {n: get_array(arrays, n, dt, (p, self.k)) for n, dt in id_dtypes.items()}
+        bad = bad_id_positions(planes, self.vocab_size)
+        if bad.size:
             raise CodecError(
-                f"decoded top-k id {int(ids[:, -1].max())} >= vocab_size {self.vocab_size}: "
-                "the id arrays are corrupted or belong to another codec"
+                f"decoded top-k ids reach vocab_size {self.vocab_size} or more at {bad.size} of "
+                f"{p} positions (first: {bad[0]}): the id arrays are corrupted or belong to "
+                "another codec"
             )
+        ids = decode_ids_np(planes)
         if self.values == "sqrt":
             logprobs, tail = self._decode_sqrt(arrays, p)
         else:
@@ -246,25 +266,21 @@ class TopKCodec(TargetCodec):
             tln = get_array(arrays, "temperature_lognorm", "float32", (p, self.num_temperatures))
         else:
             tln = np.zeros((p, 0), dtype=np.float32)
-        return TopKTargets(ids.astype(np.int32, copy=False), logprobs, tail, tln)
+        return TopKTargets(ids, logprobs, tail, tln)
 
     def _decode_sqrt(self, arrays: Mapping[str, np.ndarray], p: int) -> tuple[np.ndarray, ...]:
         levels = self.quant_levels
         cd = code_dtype(levels)
         codes = get_array(arrays, "value_code", cd, (p, self.k))
         tail_codes = get_array(arrays, "tail_code", cd, (p,))
-        logt, probt = sqrt_tables(levels)
         if p and (int(codes.max()) > levels or int(tail_codes.max()) > levels):
             raise CodecError(
                 f"top-k value codes exceed levels={levels}: the value arrays are corrupted"
             )
-        z = probt[codes].sum(axis=1, dtype=np.float32)
-        z += probt[tail_codes]
-        if p and not z.min() > 0:
+        empty_tail = tail_codes == 0  # rare: only where k reaches the vocabulary
+        if empty_tail.any() and (codes[empty_tail].max(axis=1, initial=0) == 0).any():
             raise CodecError(
                 "a position decodes to zero total mass: the value arrays are corrupted"
             )
-        logz = np.log(z)
-        logprobs = logt[codes]
-        logprobs -= logz[:, None]
-        return logprobs, logt[tail_codes] - logz
+        logprobs, tail = sqrt_dequantize_np(codes, tail_codes, levels)
+        return logprobs, tail

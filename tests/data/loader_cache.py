@@ -71,7 +71,7 @@ def build_cache(
         )
         info = TargetsInfo(method="topk", k=k, temperatures=TEMPS)
     else:
-        codec = SampledCodec(n=16, vocab_size=VOCAB, logprobs="uint8")
+        codec = SampledCodec(samples=16, vocab_size=VOCAB, logprobs="uint8")
         info = TargetsInfo(method="sampled", samples=16, tail="none")
     header = CacheHeader(
         codec=codec,

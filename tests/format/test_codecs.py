@@ -108,11 +108,15 @@ topk_case = st.tuples(
 
 
 @settings(max_examples=60, deadline=None)
-@given(case=topk_case, mode=st.sampled_from(["float32", "float16", "sqrt"]))
-def test_topk_roundtrip(case, mode):
+@given(
+    case=topk_case,
+    mode=st.sampled_from(["float32", "float16", "sqrt"]),
+    layout=st.sampled_from(["hi-delta", "delta"]),
+)
+def test_topk_roundtrip(case, mode, layout):
     seed, p, k, vocab, near_top, nt = case
     t = make_topk(seed, p, k, vocab, near_top, nt)
-    codec = TopKCodec(k=k, vocab_size=vocab, num_temperatures=nt, values=mode)
+    codec = TopKCodec(k=k, vocab_size=vocab, num_temperatures=nt, values=mode, id_layout=layout)
     _, d = roundtrip(codec, t)
     ids, lp = by_id(t.ids, t.logprobs)
     dids, dlp = by_id(d.ids, d.logprobs)
@@ -162,12 +166,18 @@ def test_topk_zero_positions_and_k_equals_vocab():
     np.testing.assert_array_equal(d.ids, np.tile(np.arange(5), (4, 1)))
 
 
-def test_topk_large_vocab_ids_near_top():
+@pytest.mark.parametrize("layout", ["hi-delta", "delta"])
+def test_topk_large_vocab_ids_near_top(layout):
     t = make_topk(3, 5, 16, 262_144, near_top=True)
     t.ids[0, 0] = 262_143
     t.ids[1, 0] = 0
-    arrays, d = roundtrip(TopKCodec(k=16, vocab_size=262_144), t)
-    assert arrays["id_delta_hi"].dtype == np.uint16
+    arrays, d = roundtrip(TopKCodec(k=16, vocab_size=262_144, id_layout=layout), t)
+    if layout == "delta":
+        assert arrays["id_delta_hi"].dtype == np.uint16
+    else:
+        assert {arrays[n].dtype for n in ("id_lo", "id_hi_delta", "id_hi_delta_top")} == {
+            np.dtype(np.uint8)
+        }
     np.testing.assert_array_equal(by_id(d.ids, d.logprobs)[0], np.sort(t.ids, axis=1))
 
 
@@ -213,7 +223,7 @@ def test_topk_error_bound_on_real_data():
 )
 def test_sampled_roundtrip(seed, p, n, vocab, mode, nt):
     t = make_sampled(seed, p, n, vocab, logprobs=mode != "none", nt=nt)
-    codec = SampledCodec(n=n, vocab_size=vocab, num_temperatures=nt, logprobs=mode)
+    codec = SampledCodec(samples=n, vocab_size=vocab, num_temperatures=nt, logprobs=mode)
     _, d = roundtrip(codec, t)
     for name in ("num_unique", "ids", "counts", "temperature_lognorm"):
         np.testing.assert_array_equal(getattr(d, name), getattr(t, name))
@@ -232,7 +242,7 @@ def test_sampled_roundtrip(seed, p, n, vocab, mode, nt):
 
 def test_sampled_subrun_decodes_like_slice():
     t = make_sampled(5, 10, 50, 300_000 // 2, logprobs=True, nt=1)
-    codec = SampledCodec(n=50, vocab_size=150_000, num_temperatures=1, logprobs="uint8")
+    codec = SampledCodec(samples=50, vocab_size=150_000, num_temperatures=1, logprobs="uint8")
     arrays = codec.encode(t)
     full, off = codec.decode(arrays), t.offsets()
     sub = {}
@@ -256,9 +266,13 @@ def test_sampled_subrun_decodes_like_slice():
         TopKCodec(k=64, vocab_size=49_152),
         TopKCodec(k=1, vocab_size=262_144, num_temperatures=3, values="float16"),
         TopKCodec(k=8, vocab_size=100, values="sqrt", levels=1000),
-        SampledCodec(n=50, vocab_size=49_152),
+        SampledCodec(samples=50, vocab_size=49_152),
         SampledCodec(
-            n=300, vocab_size=262_144, num_temperatures=2, logprobs="uint8", logprob_floor=-12.5
+            samples=300,
+            vocab_size=262_144,
+            num_temperatures=2,
+            logprobs="uint8",
+            logprob_floor=-12.5,
         ),
     ],
 )
@@ -298,11 +312,11 @@ def test_topk_bad_params(kwargs):
 @pytest.mark.parametrize(
     "kwargs",
     [
-        {"n": 0, "vocab_size": 10},
-        {"n": 4, "vocab_size": 0},
-        {"n": 4, "vocab_size": 10, "logprobs": "sqrt"},
-        {"n": 4, "vocab_size": 10, "logprob_floor": float("nan")},
-        {"n": 4, "vocab_size": 10, "logprob_floor": 1.0},
+        {"samples": 0, "vocab_size": 10},
+        {"samples": 4, "vocab_size": 0},
+        {"samples": 4, "vocab_size": 10, "logprobs": "sqrt"},
+        {"samples": 4, "vocab_size": 10, "logprob_floor": float("nan")},
+        {"samples": 4, "vocab_size": 10, "logprob_floor": 1.0},
     ],
 )
 def test_sampled_bad_params(kwargs):
@@ -326,25 +340,32 @@ def test_encode_refuses_bad_targets():
         codec.encode(TopKTargets(t.ids, lp, t.tail_logprob, t.temperature_lognorm))
     s = make_sampled(0, 3, 10, 100, logprobs=False)
     with pytest.raises(CodecError, match="vocab_size"):
-        SampledCodec(n=10, vocab_size=50).encode(s)
-    with pytest.raises(CodecError, match="sum to n"):
-        SampledCodec(n=11, vocab_size=100).encode(s)
+        SampledCodec(samples=10, vocab_size=50).encode(s)
+    with pytest.raises(CodecError, match="sum to samples"):
+        SampledCodec(samples=11, vocab_size=100).encode(s)
     with pytest.raises(CodecError, match="TopKTargets"):
         codec.encode(s)  # type: ignore[arg-type]
     with pytest.raises(CodecError, match="lack"):
-        SampledCodec(n=10, vocab_size=100, logprobs="uint8").encode(s)
+        SampledCodec(samples=10, vocab_size=100, logprobs="uint8").encode(s)
     unsorted = SampledTargets(
         s.num_unique, s.ids[::-1].copy(), s.counts[::-1].copy(), None, s.temperature_lognorm
     )
     if s.num_unique.max() > 1:
         with pytest.raises(CodecError):
-            SampledCodec(n=10, vocab_size=100).encode(unsorted)
+            SampledCodec(samples=10, vocab_size=100).encode(unsorted)
 
 
 def test_corrupted_arrays_raise():
+    legacy = TopKCodec(k=4, vocab_size=1000, id_layout="delta")
+    arrays = legacy.encode(make_topk(0, 3, 4, 1000))
+    for name, value in (("id_delta_hi", 4), ("id_delta_hi", 255), ("value_code", 200)):
+        bad = {n: a.copy() for n, a in arrays.items()}
+        bad[name][1, -1] = value
+        with pytest.raises(CodecError):
+            legacy.decode(bad)
     codec = TopKCodec(k=4, vocab_size=1000)
     arrays = codec.encode(make_topk(0, 3, 4, 1000))
-    for name, value in (("id_delta_hi", 4), ("id_delta_hi", 255), ("value_code", 200)):
+    for name, value in (("id_hi_delta", 4), ("id_hi_delta", 255), ("value_code", 200)):
         bad = {n: a.copy() for n, a in arrays.items()}
         bad[name][1, -1] = value
         with pytest.raises(CodecError):
@@ -358,13 +379,18 @@ def test_corrupted_arrays_raise():
         codec.decode({n: a for n, a in arrays.items() if n != "tail_code"})
     with pytest.raises(CodecError, match="should be uint8"):
         codec.decode({**arrays, "value_code": arrays["value_code"].astype(np.int32)})
-    big = TopKCodec(k=4, vocab_size=262_144)
+    big = TopKCodec(k=4, vocab_size=262_144, id_layout="delta")
     arrays = big.encode(make_topk(0, 3, 4, 262_144))
     arrays["id_delta_hi"][0, 0] = 1024
     with pytest.raises(CodecError, match="vocab_size"):
         big.decode(arrays)
+    big = TopKCodec(k=4, vocab_size=262_144)
+    arrays = big.encode(make_topk(0, 3, 4, 262_144))
+    arrays["id_hi_delta_top"][0, 0] = 4  # 4 << 16 = 262,144: one past the last id
+    with pytest.raises(CodecError, match="vocab_size"):
+        big.decode(arrays)
 
-    scodec = SampledCodec(n=10, vocab_size=100)
+    scodec = SampledCodec(samples=10, vocab_size=100)
     sarr = scodec.encode(make_sampled(1, 4, 10, 100, logprobs=False))
     for name, value in (("id_delta_hi", 1), ("count_minus1", 9)):
         bad = {n: a.copy() for n, a in sarr.items()}
@@ -375,3 +401,96 @@ def test_corrupted_arrays_raise():
     bad["num_unique"][0] += 1
     with pytest.raises(CodecError):
         scodec.decode(bad)
+
+
+# -- id layouts, shared decode arithmetic ---------------------------------------------------------
+
+
+def real_topk(k: int, vocab: int | None = None) -> tuple[TopKTargets, int]:
+    """The real SmolLM2 top-k; ``vocab`` > 49,152 spreads the ids with a fixed order-preserving
+    random injective map into ``[0, vocab)`` (a large vocabulary's spread)."""
+    if not DATA.exists():
+        pytest.skip(f"{DATA} not present")
+    d = np.load(DATA)
+    lp = (d["topk_logits"][:, :k] - d["logsumexp"][:, None]).astype(np.float32)
+    tail = np.log(np.maximum(1 - np.exp(lp.astype(np.float64)).sum(1), 1e-12)).astype(np.float32)
+    ids, v0 = d["topk_ids"][:, :k].astype(np.int64), int(d["vocab_size"])
+    if vocab is not None and vocab > v0:
+        ids = np.sort(np.random.default_rng(vocab).choice(vocab, v0, replace=False))[ids]
+    t = TopKTargets(ids.astype(np.int32), lp, tail, np.zeros((len(lp), 0), np.float32))
+    return t, vocab or v0
+
+
+def test_codec_entry_without_id_layout_reads_the_old_layout():
+    """A manifest written before format 1.2 has no ``id_layout``: its arrays are id delta planes,
+    built here with the formula docs/codecs.md gave for them."""
+    t = make_topk(4, 6, 5, 70_000)
+    old = {"name": "topk", "k": 5, "vocab_size": 70_000, "num_temperatures": 0, "values": "float32"}
+    codec = codec_from_dict(old)
+    assert isinstance(codec, TopKCodec) and codec.id_layout == "delta"
+    assert codec.to_dict() == old  # re-serialised unchanged: older readers still read it
+    order = np.argsort(t.ids, axis=1, kind="stable")
+    d = np.diff(np.take_along_axis(t.ids, order, 1).astype(np.int64), axis=1, prepend=0)
+    arrays = {
+        "id_delta_lo": (d & 0xFF).astype(np.uint8),
+        "id_delta_hi": (d >> 8).astype(np.uint16),
+        "logprobs": np.take_along_axis(t.logprobs, order, 1),
+        "tail_logprob": t.tail_logprob,
+    }
+    got = codec.decode(arrays)
+    np.testing.assert_array_equal(got.ids, np.sort(t.ids, axis=1))
+    new = TopKCodec(k=5, vocab_size=70_000, values="float32")
+    assert new.to_dict()["id_layout"] == "hi-delta"
+    with pytest.raises(ConfigError, match="id_layout"):
+        TopKCodec(k=5, vocab_size=10, id_layout="nibbles")
+
+
+def test_sampled_codec_keeps_the_on_disk_key_n():
+    codec = SampledCodec(samples=7, vocab_size=100)
+    assert codec.to_dict()["n"] == 7 and "samples" not in codec.to_dict()
+    assert codec_from_dict(codec.to_dict()).samples == 7
+
+
+@pytest.mark.parametrize("vocab", [None, 262_144])
+@pytest.mark.parametrize("layout", ["hi-delta", "delta"])
+def test_numpy_and_torch_decodes_agree_bit_for_bit(vocab, layout):
+    """One formula, two twins (format/_decode.py): same ids, same float32 bits, on real data."""
+    torch = pytest.importorskip("torch")
+    from logitcache.format._decode import (
+        decode_ids_torch,
+        sqrt_dequantize_torch,
+        sqrt_device_tables,
+    )
+
+    t, v = real_topk(64, vocab)
+    codec = TopKCodec(k=64, vocab_size=v, id_layout=layout)
+    arrays = codec.encode(t)
+    ref = codec.decode(arrays)
+    planes = {n: torch.from_numpy(a) for n, a in arrays.items() if n.startswith("id_")}
+    ids = decode_ids_torch(planes)
+    assert ids.dtype == torch.int32
+    np.testing.assert_array_equal(ids.numpy(), ref.ids)
+    logt, sq, scale = sqrt_device_tables(codec.quant_levels, codec.k)
+    lp, tail = sqrt_dequantize_torch(
+        torch.from_numpy(arrays["value_code"]),
+        torch.from_numpy(arrays["tail_code"]),
+        torch.from_numpy(logt),
+        torch.from_numpy(sq),
+        scale,
+    )
+    assert lp.numpy().tobytes() == ref.logprobs.tobytes()
+    assert tail.numpy().tobytes() == ref.tail_logprob.tobytes()
+
+
+def test_hi_delta_layout_is_smaller_on_real_distributions():
+    """The issue's 262k case: the old layout's uint16 high plane cost ~0.4 B/entry."""
+    from numcodecs import Zstd
+
+    def size(codec: TopKCodec, t: TopKTargets) -> int:
+        z = Zstd(level=15)
+        return sum(len(z.encode(a.tobytes())) for n, a in codec.encode(t).items())
+
+    for vocab in (None, 262_144):
+        t, v = real_topk(64, vocab)
+        old, new = (TopKCodec(k=64, vocab_size=v, id_layout=x) for x in ("delta", "hi-delta"))
+        assert size(new, t) < size(old, t) * (0.97 if vocab else 0.995), vocab
