@@ -1,4 +1,7 @@
-"""The ``logitcache train`` command: flags and an optional config file, merged, then ``train()``.
+"""The ``logitcache train`` command: flags and an optional config file, merged, then ``run_train``.
+
+The flags are :class:`~logitcache.train.TrainConfig`'s fields (names, defaults, help, choices:
+see ``cli/_common.py``), built on first use so that the CLI starts without torch.
 
 Precedence: a flag given on the command line beats the config file, which beats the default.
 The config file (``--config run.yaml`` or ``.json``) uses the same names as the flags, with
@@ -14,9 +17,14 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from logitcache.cli._common import friendly_errors, parse_storage_options, storage_option
+from logitcache.cli._common import (
+    ConfigCommand,
+    config_option,
+    friendly_errors,
+    parse_storage_options,
+    storage_option,
+)
 from logitcache.errors import ConfigError
-from logitcache.loss import LOSS_NAMES
 
 __all__ = ["train"]
 
@@ -62,131 +70,32 @@ def _read_config(path: str) -> dict[str, Any]:
     return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
-def _options(fn: Any) -> Any:
-    opts = [
-        click.option(
-            "--config",
-            "config_file",
-            type=click.Path(dir_okay=False),
-            help="YAML or JSON file of settings (flags override it).",
-        ),
-        click.option("--cache", help="Cache directory or URL to train from."),
-        click.option("--out", help="Output directory: checkpoints, metrics.jsonl, final/ model."),
-        click.option("--student", help="Hugging Face model directory to fine-tune."),
-        click.option(
-            "--student-config", help="Hugging Face config.json for a freshly initialised student."
-        ),
-        click.option(
-            "--loss",
-            type=click.Choice(LOSS_NAMES),
-            help="KD loss (default kl: forward KL with a tail bucket).",
-        ),
-        click.option(
-            "--temperature",
-            type=float,
-            help="Distillation temperature (default 1.0); exact when the cache recorded it.",
-        ),
-        click.option(
-            "--alpha", type=float, help="Weight of the hard-label cross-entropy, 0..1 (default 0)."
-        ),
-        click.option("--beta", type=float, help="JSD mixing weight (default 0.5)."),
-        click.option(
-            "--fused/--no-fused",
-            default=None,
-            help="Chunked fused-linear loss: never materialises [N, V] student logits.",
-        ),
-        click.option(
-            "--top-k",
-            type=int,
-            help="Use only the top-k of the stored targets (the rest joins the tail).",
-        ),
-        click.option("--batch-size", type=int, help="Rows per rank per micro-batch (default 8)."),
-        click.option(
-            "--grad-accum", type=int, help="Micro-batches per optimizer step (default 1)."
-        ),
-        click.option("--max-steps", type=int, help="Optimizer steps (default 100)."),
-        click.option(
-            "--stop-after",
-            type=int,
-            help="Stop at this step with a checkpoint (time-limited jobs); --resume continues.",
-        ),
-        click.option("--lr", type=float, help="Peak learning rate of AdamW (default 5e-4)."),
-        click.option("--weight-decay", type=float, help="AdamW weight decay (default 0.01)."),
-        click.option(
-            "--warmup-steps",
-            type=int,
-            help="Linear warmup steps before the cosine decay (default 0).",
-        ),
-        click.option(
-            "--min-lr-ratio",
-            type=float,
-            help="Final learning rate as a fraction of the peak (default 0.1).",
-        ),
-        click.option(
-            "--clip", type=float, help="Gradient norm clipping, 0 to disable (default 1.0)."
-        ),
-        click.option(
-            "--seed", type=int, help="Seed of the student init and the data order (default 0)."
-        ),
-        click.option(
-            "--eval-every", type=int, help="Evaluate every N steps (default: at the end only)."
-        ),
-        click.option(
-            "--eval-fraction",
-            type=float,
-            help="Hold out this fraction of the cache's rows for evaluation.",
-        ),
-        click.option("--eval-cache", help="A second cache to evaluate on."),
-        click.option("--eval-batches", type=int, help="Evaluate on at most this many batches."),
-        click.option(
-            "--save-every", type=int, help="Checkpoint every N steps (default: at the end only)."
-        ),
-        click.option("--keep", type=int, help="Checkpoints to keep (default 2)."),
-        click.option("--num-workers", type=int, help="DataLoader worker processes (default 0)."),
-        click.option(
-            "--readahead", type=int, help="Shards fetched ahead while streaming (default 2)."
-        ),
-        click.option(
-            "--local-cache",
-            help="Directory keeping verified copies of a remote cache's shards (LRU-bounded).",
-        ),
-        click.option("--local-cache-size", help="Bound of --local-cache, e.g. 20G (default 50G)."),
-        click.option(
-            "--expect-digest",
-            help="Refuse the cache unless its content digest (logitcache info) is this.",
-        ),
-        click.option(
-            "--order",
-            type=click.Choice(["streaming", "random", "sequential"]),
-            help="Row order (default streaming).",
-        ),
-        click.option(
-            "--resume/--no-resume",
-            default=None,
-            help="Continue from the newest checkpoint in --out.",
-        ),
-        click.option("--device", help="auto (default), cpu, cuda, cuda:1, ..."),
-        click.option(
-            "--bf16/--no-bf16", default=None, help="bf16 autocast (default: on for CUDA)."
-        ),
-        click.option(
-            "--compile/--no-compile", "compile_", default=None, help="torch.compile the student."
-        ),
-        click.option(
-            "--allow-vocab-mismatch/--no-allow-vocab-mismatch",
-            default=None,
-            help="Accept a student tokenizer that differs from the teacher's "
-            "(ids must be a prefix-compatible subset).",
-        ),
-        click.option("--log-every", type=int, help="Log training loss every N steps (default 10)."),
-    ]
-    for opt in reversed(opts):
-        fn = opt(fn)
-    return fn
+#: TrainConfig fields that are flags, in --help order (storage_options: the shared option).
+_FLAGS = (
+    "cache", "out", "student", "student_config", "loss", "temperature", "alpha", "beta", "fused",
+    "top_k", "batch_size", "grad_accum", "max_steps", "stop_after", "lr", "weight_decay",
+    "warmup_steps", "min_lr_ratio", "clip", "seed", "eval_every", "eval_fraction", "eval_cache",
+    "eval_batches", "save_every", "keep", "num_workers", "readahead", "local_cache",
+    "local_cache_size", "expect_digest", "order", "resume", "device", "bf16", "compile",
+    "allow_vocab_mismatch", "log_every", "progress",
+)  # fmt: skip
 
 
-@click.command("train")
-@_options
+def _options() -> list[Any]:
+    from logitcache.train import TrainConfig
+
+    config_file = click.option(
+        "--config",
+        "config_file",
+        type=click.Path(dir_okay=False),
+        help="YAML or JSON file of settings (flags override it).",
+    )
+    # cache and out may come from --config: checked after the merge
+    flags = [config_option(TrainConfig, name, required=False) for name in _FLAGS]
+    return [config_file, *flags]
+
+
+@click.command("train", cls=ConfigCommand, options=_options)
 @storage_option
 @click.pass_context
 @friendly_errors
@@ -198,10 +107,8 @@ def train(
 
     settings: dict[str, Any] = _read_config(config_file) if config_file else {}
     for name, value in flags.items():
-        key = "compile" if name == "compile_" else name
-        given = ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE
-        if given or (key not in settings and value is not None):
-            settings[key] = value
+        if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE:
+            settings[name] = value  # a flag beats the file; the file beats the default
     if storage_options:
         settings["storage_options"] = parse_storage_options(storage_options)
     missing = [k for k in ("cache", "out") if not settings.get(k)]

@@ -27,8 +27,8 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterator, Mapping
-from dataclasses import astuple, dataclass, field, fields
+from collections.abc import Iterator
+from dataclasses import astuple
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +40,11 @@ from logitcache._distributed import init_process_group, resolve_device
 from logitcache.data import make_loader
 from logitcache.data.targets import teacher_targets
 from logitcache.errors import ConfigError
-from logitcache.loss import KDConfig, fused_linear_kd_loss, kd_loss
+from logitcache.loss import fused_linear_kd_loss, kd_loss
 from logitcache.store import CacheReader
 from logitcache.store.reader import LOCAL_CACHE_ENV, LOCAL_CACHE_SIZE_ENV
 from logitcache.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from logitcache.train.config import TrainConfig
 from logitcache.train.evaluate import StudentOutput, evaluate
 from logitcache.train.output import MetricsLog, check_out_dir, check_previous_run
 from logitcache.train.student import (
@@ -56,115 +57,6 @@ from logitcache.train.student import (
 )
 
 __all__ = ["TrainConfig", "run_train"]
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything a training run needs; the CLI flags and the config file map onto these."""
-
-    cache: str
-    out: str
-    student: str | None = None
-    student_config: str | None = None
-    loss: str = "kl"
-    temperature: float = 1.0
-    alpha: float = 0.0
-    beta: float = 0.5
-    fused: bool = False
-    top_k: int | None = None
-    batch_size: int = 8
-    grad_accum: int = 1
-    max_steps: int = 100
-    stop_after: int | None = None
-    lr: float = 5e-4
-    weight_decay: float = 0.01
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.1
-    clip: float = 1.0
-    seed: int = 0
-    eval_every: int = 0
-    eval_fraction: float = 0.0
-    eval_cache: str | None = None
-    eval_batches: int | None = None
-    save_every: int = 0
-    keep: int = 2
-    num_workers: int = 0
-    order: str = "streaming"
-    resume: bool = False
-    device: str = "auto"
-    bf16: bool | None = None
-    compile: bool = False
-    allow_vocab_mismatch: bool = False
-    log_every: int = 10
-    progress: bool = True
-    storage_options: Mapping[str, Any] = field(default_factory=dict)
-    readahead: int = 2
-    local_cache: str | None = None
-    local_cache_size: str | None = None
-    expect_digest: str | None = None
-
-    def problems(self) -> list[str]:
-        """Every invalid setting, each with its fix (empty when the config is valid)."""
-        p: list[str] = []
-        if (self.student is None) == (self.student_config is None):
-            p.append("give exactly one of student (a HF model dir) or student_config (a JSON)")
-        for name in ("batch_size", "grad_accum", "max_steps", "keep", "log_every"):
-            if getattr(self, name) < 1:
-                p.append(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "eval_every", "save_every", "num_workers", "seed"):
-            if getattr(self, name) < 0:
-                p.append(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            p.append(f"lr must be > 0, got {self.lr}")
-        if not 0.0 <= self.eval_fraction < 1.0:
-            p.append(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
-        if self.eval_fraction and self.eval_cache:
-            p.append("give eval_fraction or eval_cache, not both")
-        if self.stop_after is not None and self.stop_after < 1:
-            p.append(f"stop_after must be >= 1, got {self.stop_after}")
-        if self.top_k is not None and self.top_k < 1:
-            p.append(f"top_k must be >= 1, got {self.top_k}")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            p.append(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        try:
-            KDConfig(self.loss, self.temperature, self.alpha, self.beta)
-        except ConfigError as e:
-            p.append(str(e))
-        return p
-
-    def fingerprint(self, manifest_digest: str, world_size: int) -> dict[str, Any]:
-        """What a resumed run must share with the run that wrote the checkpoint."""
-        keep = (
-            "student",
-            "student_config",
-            "loss",
-            "temperature",
-            "alpha",
-            "beta",
-            "fused",
-            "top_k",
-            "lr",
-            "weight_decay",
-            "warmup_steps",
-            "min_lr_ratio",
-            "clip",
-            "seed",
-            "eval_fraction",
-            "max_steps",
-            "order",
-        )
-        d = {k: getattr(self, k) for k in keep}
-        d["cache_manifest_sha256"] = manifest_digest
-        d["global_batch"] = self.batch_size * self.grad_accum * world_size
-        return d
-
-    @classmethod
-    def from_mapping(cls, d: Mapping[str, Any]) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"unknown training settings {unknown}; known: {sorted(known)}")
-        return cls(**dict(d))
 
 
 # -- set-up ---------------------------------------------------------------------------------

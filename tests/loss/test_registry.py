@@ -26,9 +26,12 @@ from logitcache.loss import (
 def test_names_come_from_the_registry() -> None:
     assert tuple(OBJECTIVES) == LOSS_NAMES
     assert all(o.name == name and o.help for name, o in OBJECTIVES.items())
+    import click
+
     from logitcache.cli.train import train
 
-    (loss_opt,) = [p for p in train.params if p.name == "loss"]
+    params = train.get_params(click.Context(train))
+    (loss_opt,) = [p for p in params if p.name == "loss"]
     assert tuple(loss_opt.type.choices) == LOSS_NAMES  # type: ignore[attr-defined]
 
 
