@@ -55,20 +55,34 @@ def plain_ids(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     return lo.astype(np.int64) | (hi.astype(np.int64) << 8)
 
 
+def plain_topk_ids(codec: dict, a: dict[str, np.ndarray], positions: int) -> np.ndarray:
+    """docs/codecs.md, "Id layouts": no ``id_layout`` in the codec entry means "delta"."""
+    k = codec["k"]
+    if codec.get("id_layout", "delta") == "delta":
+        d = plain_ids(a["targets/id_delta_lo"], a["targets/id_delta_hi"]).reshape(positions, k)
+        return np.cumsum(d, axis=1)
+    h = a["targets/id_hi_delta"].astype(np.int64)
+    if "targets/id_hi_delta_top" in a:
+        h = h | (a["targets/id_hi_delta_top"].astype(np.int64) << 8)
+    h, lo = h.reshape(positions, k), a["targets/id_lo"].reshape(positions, k)
+    return (np.cumsum(h, axis=1) << 8) | lo
+
+
 def plain_topk(codec: dict, a: dict[str, np.ndarray], positions: int) -> dict[str, np.ndarray]:
     k = codec["k"]
-    d = plain_ids(a["targets/id_delta_lo"], a["targets/id_delta_hi"]).reshape(positions, k)
-    out = {"ids": np.cumsum(d, axis=1)}
+    out = {"ids": plain_topk_ids(codec, a, positions)}
     if codec["values"] == "sqrt":
-        n_levels = codec["levels"]
-        table = np.log(((np.arange(n_levels + 1) - 0.5) / n_levels) ** 2).astype(np.float32)
+        L = codec["levels"]
+        table = np.log(((np.arange(L + 1) - 0.5) / L) ** 2).astype(np.float32)
         table[0] = -np.inf
-        prob = np.exp(table)
-        vc = a["targets/value_code"].reshape(positions, k)
-        tc = a["targets/tail_code"].reshape(positions)
-        z = prob[vc].sum(axis=1) + prob[tc]
-        out["logprobs"] = table[vc] - np.log(z)[:, None]
-        out["tail_logprob"] = table[tc] - np.log(z)
+        sq = (2 * np.arange(L + 1, dtype=np.int64) - 1) ** 2
+        sq[0] = 0
+        value_code = a["targets/value_code"].reshape(positions, k)
+        tail_code = a["targets/tail_code"].reshape(positions)
+        s = sq[value_code].sum(axis=1) + sq[tail_code]
+        lognorm = (np.log(s.astype(np.float64)) - np.log(4.0 * L * L)).astype(np.float32)
+        out["logprobs"] = table[value_code] - lognorm[:, None]
+        out["tail_logprob"] = table[tail_code] - lognorm
     else:
         out["logprobs"] = a["targets/logprobs"].reshape(positions, k).astype(np.float32)
         out["tail_logprob"] = a["targets/tail_logprob"].reshape(positions)
@@ -76,29 +90,29 @@ def plain_topk(codec: dict, a: dict[str, np.ndarray], positions: int) -> dict[st
 
 
 def plain_sampled(a: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    num_unique = a["targets/num_unique"].astype(np.int64)
-    offsets = np.concatenate([[0], np.cumsum(num_unique)])
+    num_unique = a["targets/num_unique"]  # as stored: uint8 here
+    offsets = np.concatenate([[0], np.cumsum(num_unique, dtype=np.int64)])
     cs = np.cumsum(plain_ids(a["targets/id_delta_lo"], a["targets/id_delta_hi"]))
-    ids = cs - np.repeat(np.concatenate([[0], cs])[offsets[:-1]], num_unique)
+    ids = cs - np.repeat(np.concatenate([[0], cs])[offsets[:-1]], num_unique.astype(np.int64))
     return {"num_unique": num_unique, "ids": ids, "counts": a["targets/count_minus1"] + 1}
 
 
 # -- the comparison -----------------------------------------------------------------------------
 
 
-def build(url: Path, backend: str, codec: object, method: str) -> None:
+def build(url: Path, backend: str, codec: object, method: str, vocab: int = 300) -> None:
     rng = np.random.default_rng(7)
     hdr = CacheHeader(
         codec=codec,  # type: ignore[arg-type]
         targets=TargetsInfo(
             method=method,
             k=getattr(codec, "k", None),  # type: ignore[arg-type]
-            samples=getattr(codec, "n", None),
+            samples=getattr(codec, "samples", None),
             tail="bucket" if method == "topk" else "none",
         ),
         seq_len=9,
-        vocab_size=300,
-        padded_vocab_size=320,
+        vocab_size=vocab,
+        padded_vocab_size=vocab + 20,
         backend=backend,  # type: ignore[arg-type]
         teacher=SourceInfo(name="synthetic"),
     )
@@ -107,18 +121,30 @@ def build(url: Path, backend: str, codec: object, method: str) -> None:
             mask = rng.random((4, 9)) > 0.25
             p = int(mask.sum())
             t = (
-                topk_targets(rng, p, 16, 300)
+                topk_targets(rng, p, 16, vocab)
                 if method == "topk"
-                else sampled_targets(rng, p, 30, 300, with_logprobs=False)
+                else sampled_targets(rng, p, 30, vocab, with_logprobs=False)
             )
             w.write(np.arange(4) + 4 * b, rng.integers(0, 300, (4, 9)), mask, t)
 
 
 @pytest.mark.parametrize("backend", ["zarr", "arrow"])
-@pytest.mark.parametrize("values", ["sqrt", "float16", "float32"])
-def test_plain_topk_reader_matches(tmp_path: Path, backend: str, values: str) -> None:
+@pytest.mark.parametrize(
+    ("values", "vocab", "layout"),
+    [
+        ("sqrt", 300, "hi-delta"),
+        ("float16", 300, "hi-delta"),
+        ("float32", 300, "hi-delta"),
+        ("sqrt", 70_000, "hi-delta"),  # with the id_hi_delta_top plane
+        ("sqrt", 70_000, "delta"),  # the layout of caches before format 1.2
+    ],
+)
+def test_plain_topk_reader_matches(
+    tmp_path: Path, backend: str, values: str, vocab: int, layout: str
+) -> None:
     url = tmp_path / "c"
-    build(url, backend, TopKCodec(k=16, vocab_size=300, values=values), "topk")
+    codec = TopKCodec(k=16, vocab_size=vocab, values=values, id_layout=layout)
+    build(url, backend, codec, "topk", vocab)
     m, shards = plain_shards(url)
     reader = CacheReader(str(url))
     assert len(shards) == reader.num_shards > 1
@@ -141,7 +167,7 @@ def test_plain_topk_reader_matches(tmp_path: Path, backend: str, values: str) ->
 @pytest.mark.parametrize("backend", ["zarr", "arrow"])
 def test_plain_sampled_reader_matches(tmp_path: Path, backend: str) -> None:
     url = tmp_path / "c"
-    build(url, backend, SampledCodec(n=30, vocab_size=300), "sampled")
+    build(url, backend, SampledCodec(samples=30, vocab_size=300), "sampled")
     _, shards = plain_shards(url)
     reader = CacheReader(str(url))
     for i, arrays in enumerate(shards):
