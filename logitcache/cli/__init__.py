@@ -13,7 +13,12 @@ from logitcache.cli.cache import cp, finalize, info, merge, verify
 from logitcache.cli.demo import demo
 from logitcache.cli.dump import dump
 from logitcache.cli.train import train
-from logitcache.cli.transform import export_command, import_command, mix_command
+from logitcache.cli.transform import (
+    align_command,
+    export_command,
+    import_command,
+    mix_command,
+)
 
 __all__ = ["cli", "main"]
 
@@ -36,6 +41,7 @@ for _command in (
     import_command,
     export_command,
     mix_command,
+    align_command,
     demo,
 ):
     cli.add_command(_command)

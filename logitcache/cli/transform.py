@@ -1,5 +1,5 @@
-"""``logitcache import``, ``export`` and ``mix``: caches from and to other tools' layouts, and
-several teachers' caches into one."""
+"""``logitcache import``, ``export``, ``mix`` and ``align``: caches from and to other tools'
+layouts, several teachers' caches into one, a cache in another tokenizer's vocabulary."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import click
 from logitcache.cli._common import friendly_errors, parse_storage_options, storage_option
 from logitcache.transform.layouts import LAYOUTS, Layout
 
-__all__ = ["export_command", "import_command", "mix_command"]
+__all__ = ["align_command", "export_command", "import_command", "mix_command"]
 
 _LAYOUT_HELP = "; ".join(f"{name}: {layout.description}" for name, layout in LAYOUTS.items())
 
@@ -158,6 +158,45 @@ def mix_command(
         list(sources),
         parsed,
         k=k,
+        storage_options=parse_storage_options(storage_options),
+        overwrite=overwrite,
+    )
+    click.echo(result.summary())
+
+
+@click.command("align")
+@click.argument("cache")
+@click.option("--out", required=True, help="Cache directory or fsspec URL to write.")
+@click.option("--student-tokenizer", required=True, help="The student's tokenizer (a directory).")
+@click.option(
+    "--teacher-tokenizer",
+    required=True,
+    help="The teacher's tokenizer the cache was dumped with (checked against its fingerprint).",
+)
+@click.option("--seq-len", type=int, help="Student tokens per row (default: the cache's).")
+@click.option("--overwrite", is_flag=True, help="Replace the cache at --out.")
+@storage_option
+@friendly_errors
+def align_command(
+    cache: str,
+    out: str,
+    student_tokenizer: str,
+    teacher_tokenizer: str,
+    seq_len: int | None,
+    overwrite: bool,
+    storage_options: tuple[str, ...],
+) -> None:
+    """Re-express CACHE in the student tokenizer's vocabulary (docs/derived-caches.md): where
+    both tokenisations share a boundary the teacher's distribution is projected onto student
+    ids, elsewhere the position keeps its hard label."""
+    from logitcache.transform.align import align_cache
+
+    result = align_cache(
+        cache,
+        out,
+        student_tokenizer=student_tokenizer,
+        teacher_tokenizer=teacher_tokenizer,
+        seq_len=seq_len,
         storage_options=parse_storage_options(storage_options),
         overwrite=overwrite,
     )
