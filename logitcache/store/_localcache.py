@@ -8,8 +8,16 @@ manifest records for each file (``ROOT/ab/abcdef...``), which gives three things
   deleted and fetched again, never used;
 - caches that share files (a copy, a merge) share entries, and a cache re-dumped under the same
   URL can never be served stale bytes;
-- entries are written to a temporary name and renamed, so concurrent processes (DataLoader
-  workers, ranks on one node) can share one directory without locks.
+- entries are written to a temporary name (unique per process and call) and renamed with
+  ``os.replace``, which is atomic on POSIX: a reader sees no entry or a whole one, never a
+  partial write. Concurrent processes (DataLoader workers, the ranks of one node) therefore
+  share one directory without locks. Two that fetch the same shard at once both write it; the
+  second rename replaces identical bytes (the loser of the race only spent a download; with the
+  sampler's shard-aware assignment the ranks of a node read disjoint shards, so this is rare). A
+  reader that finds a damaged entry deletes it only if it is still the file it read (not a good
+  copy another process renamed in meanwhile); temporaries of crashed writers are removed by the
+  next eviction once an hour old. ``tests/data/test_distributed.py`` runs two processes filling
+  one cache at once.
 
 The size bound is enforced after each insertion by deleting the least recently used entries
 (a hit refreshes an entry's mtime). Eviction scans the directory; entries are whole shard files
@@ -27,6 +35,7 @@ import hashlib
 import os
 import re
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -37,6 +46,8 @@ __all__ = ["LocalShardCache", "SmallFileMemo", "parse_size"]
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_TMP = ".tmp-"
+_STALE_TMP_S = 3600.0  # a temporary this old belongs to a writer that died
 
 
 def parse_size(text: str | int) -> int:
@@ -81,12 +92,18 @@ class LocalShardCache:
         """The entry's bytes if present and intact (size and sha256 checked), else None."""
         path = self._path(sha256)
         try:
-            data = path.read_bytes()
+            with open(path, "rb") as f:
+                inode = os.fstat(f.fileno()).st_ino
+                data = f.read()
         except OSError:
             self.misses += 1
             return None
         if len(data) != size or hashlib.sha256(data).hexdigest() != sha256:
-            path.unlink(missing_ok=True)  # damaged: drop it, the caller fetches again
+            # damaged: drop it (the caller fetches again), unless another process has already
+            # renamed a new copy in its place
+            with contextlib.suppress(OSError):
+                if os.stat(path).st_ino == inode:
+                    path.unlink(missing_ok=True)
             self.misses += 1
             return None
         with contextlib.suppress(OSError):
@@ -99,9 +116,14 @@ class LocalShardCache:
         if len(data) > self.max_bytes:
             return  # would evict everything and still not fit
         path = self._path(sha256)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / f".tmp-{uuid.uuid4().hex}"
         try:
+            if path.stat().st_size == len(data):
+                return  # another process stored it first (get() checks the digest on use)
+        except OSError:
+            pass
+        tmp = path.parent / f"{_TMP}{os.getpid()}-{uuid.uuid4().hex}"
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             tmp.write_bytes(data)
             os.replace(tmp, path)
         except OSError:
@@ -116,7 +138,8 @@ class LocalShardCache:
             if not sub.is_dir():
                 continue
             for p in sub.iterdir():
-                if p.name.startswith(".tmp-"):
+                if p.name.startswith(_TMP):
+                    self._drop_if_stale(p)
                     continue
                 try:
                     st = p.stat()
@@ -124,6 +147,12 @@ class LocalShardCache:
                     continue
                 out.append((st.st_mtime, st.st_size, p))
         return out
+
+    @staticmethod
+    def _drop_if_stale(tmp: Path) -> None:
+        with contextlib.suppress(OSError):
+            if time.time() - tmp.stat().st_mtime > _STALE_TMP_S:
+                tmp.unlink()
 
     def total_bytes(self) -> int:
         return sum(size for _, size, _ in self.entries())
