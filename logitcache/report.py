@@ -22,7 +22,8 @@ from logitcache.errors import CacheCorruptError, LogitCacheError
 from logitcache.format.codec import Targets
 from logitcache.format.manifest import CoverageSums, Manifest
 from logitcache.format.targets import SampledTargets, TopKTargets
-from logitcache.store.reader import CacheReader
+from logitcache.store._fs import open_location
+from logitcache.store.reader import CacheReader, read_manifest
 
 __all__ = ["VerifyReport", "cache_info", "format_info", "verify_cache"]
 
@@ -31,8 +32,11 @@ _LOGPROB_SLACK = 1e-3
 
 
 def cache_info(url: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """A JSON-able summary of a committed cache (reads only the manifest)."""
-    m = CacheReader(url, storage_options=storage_options).manifest
+    """A JSON-able summary of a committed cache (reads only the manifest).
+
+    Opens even a manifest whose stored content digest disagrees with its content, to show both:
+    ``content_digest`` is always the recomputed one, ``stored_digest`` what the file says."""
+    m = read_manifest(open_location(url, storage_options), check_digest=False)
     tokens = m.num_rows * m.seq_len
     if m.targets.method == "topk":
         entries = m.num_positions * int(m.targets.k or 0)
@@ -42,6 +46,8 @@ def cache_info(url: str, storage_options: Mapping[str, Any] | None = None) -> di
         "url": url,
         "format_version": m.format_version,
         "content_digest": m.content_digest,
+        "stored_digest": m.stored_digest,
+        "digest_ok": m.stored_digest in (None, m.content_digest),
         "created_by": m.created_by,
         "created_at": m.created_at,
         "backend": m.backend,
@@ -94,6 +100,11 @@ def format_info(info: Mapping[str, Any]) -> str:
         f"teacher entropy {num(cov['entropy'], '.3f')} nats",
         f"digest      {info.get('content_digest') or '-'} (train --expect-digest)",
     ]
+    if not info.get("digest_ok", True):
+        lines.append(
+            f"            STORED DIGEST DIFFERS: the manifest says {info['stored_digest']}; it was "
+            "edited after its commit, so readers refuse it: re-copy or re-dump the cache"
+        )
     for key in ("teacher", "tokenizer", "dataset"):
         src = info[key]
         fp = (src.get("fingerprint") or "-")[:16]

@@ -80,6 +80,7 @@ MANIFEST_NAME = "manifest.json"
 Method = Literal["topk", "sampled"]
 Backend = Literal["zarr", "arrow"]
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_MAX_VOCAB = 2**31 - 1
 
 
 def _need(cond: bool, where: str, msg: str) -> None:
@@ -472,9 +473,11 @@ class Manifest:
             f"must be >= 1, got {self.vocab_size!r}",
         )
         _need(
-            isinstance(self.padded_vocab_size, int) and self.padded_vocab_size >= self.vocab_size,
+            isinstance(self.padded_vocab_size, int)
+            and self.vocab_size <= self.padded_vocab_size <= _MAX_VOCAB,
             "padded_vocab_size",
-            f"must be >= vocab_size {self.vocab_size}, got {self.padded_vocab_size!r}",
+            f"must lie in [vocab_size {self.vocab_size}, {_MAX_VOCAB}] (input_ids are int32), "
+            f"got {self.padded_vocab_size!r}",
         )
         codec_vocab = getattr(self.codec, "vocab_size", self.vocab_size)
         _need(
@@ -487,6 +490,15 @@ class Manifest:
         for s in self.shards:
             _need(s.path not in seen, "shards", f"shard {s.path!r} listed twice")
             seen.add(s.path)
+        _check_shard_order(self.shards)
+        sums = CoverageSums.total(self.shards)
+        if sums is not None and self.coverage != Coverage():
+            _need(
+                self.coverage.positions == sums.positions,
+                "coverage.positions",
+                f"is {self.coverage.positions} but the shard records' coverage adds up to "
+                f"{sums.positions} (a shard record was dropped or added)",
+            )
 
     def derive(self, **changes: Any) -> Manifest:
         """A new manifest: this one with ``changes`` applied, validated like any other.
@@ -519,12 +531,7 @@ class Manifest:
         """Raise :class:`ManifestError` if the stored digest disagrees with the content (the
         manifest was edited after its commit), or if ``expected`` is given and differs."""
         actual = self.content_digest
-        if self.stored_digest is not None and self.stored_digest != actual:
-            raise ManifestError(
-                f"{where}: manifest field content_digest says {self.stored_digest} but the "
-                f"manifest's content hashes to {actual}; the manifest was edited after it was "
-                "committed: re-copy or re-dump the cache"
-            )
+        _refuse_stored_digest(self.stored_digest, actual, where)
         if expected is not None:
             want = expected if expected.startswith("sha256:") else f"sha256:{expected}"
             if want != actual:
@@ -567,9 +574,17 @@ class Manifest:
         return json.dumps(self.to_dict(), indent=1, allow_nan=False) + "\n"
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> Manifest:
+    def from_dict(
+        cls, d: Mapping[str, Any], *, check_digest: bool = False, where: str = MANIFEST_NAME
+    ) -> Manifest:
+        """Validate and build; ``check_digest`` first refuses a stored content digest that
+        differs from the content (before any other check, so an edited manifest is named as
+        such rather than by whichever field the edit broke)."""
         if not isinstance(d, Mapping):
             raise ManifestError(f"manifest must be a JSON object, got {type(d).__name__}")
+        digest = content_digest(d)
+        if check_digest:
+            _refuse_stored_digest(d.get("content_digest"), digest, where)
         fmt = d.get("format")
         if fmt != FORMAT_NAME:
             raise ManifestError(
@@ -603,9 +618,9 @@ class Manifest:
             extra=d.get("extra", {}),
             format_version=version,
         )
-        object.__setattr__(m, "read_digest", content_digest(d))
+        object.__setattr__(m, "read_digest", digest)
         object.__setattr__(m, "stored_digest", d.get("content_digest"))
-        for key in ("num_rows", "num_positions"):
+        for key in ("num_rows", "num_positions", "num_bytes"):
             if key in d:
                 _need(
                     d[key] == getattr(m, key),
@@ -615,14 +630,60 @@ class Manifest:
         return m
 
     @classmethod
-    def from_json(cls, text: str | bytes, where: str = MANIFEST_NAME) -> Manifest:
+    def from_json(
+        cls, text: str | bytes, where: str = MANIFEST_NAME, *, check_digest: bool = False
+    ) -> Manifest:
         try:
             d = json.loads(text)
         except (ValueError, UnicodeDecodeError) as e:
             raise ManifestError(
                 f"{where} is not valid JSON ({e}); the cache is damaged: re-copy or re-dump it"
             ) from e
-        return cls.from_dict(d)
+        return cls.from_dict(d, check_digest=check_digest, where=where)
+
+
+def _refuse_stored_digest(stored: Any, actual: str, where: str) -> None:
+    if stored is not None and stored != actual:
+        raise ManifestError(
+            f"{where}: manifest field content_digest says {stored} but the manifest's content "
+            f"hashes to {actual}; the manifest was edited after it was committed: re-copy or "
+            "re-dump the cache"
+        )
+
+
+_SHARD_NAME = re.compile(r"^(?P<prefix>.*?)(?P<index>\d{5,})\.(zarr|arrow)$")
+
+
+def _check_shard_order(shards: tuple[ShardRecord, ...]) -> None:
+    """Shards a writer named ``<prefix><index>`` (see :func:`shard_name`) must be listed in
+    writing order: each prefix's shards together, numbered 0, 1, 2, ... So reordered records,
+    and a record dropped from the middle of a writer's run, are refused even when whoever edited
+    the manifest also rewrote its totals and digest. Paths of another form are not judged."""
+    done: set[str] = set()
+    prefix, expected = None, 0
+    for s in shards:
+        m = _SHARD_NAME.match(s.path)
+        if m is None:
+            prefix = None
+            continue
+        p, i = m.group("prefix"), int(m.group("index"))
+        if p != prefix:
+            _need(
+                p not in done,
+                "shards",
+                f"the shards of {p!r} are not listed together ({s.path!r} comes after others); "
+                "records were reordered",
+            )
+            if prefix is not None:
+                done.add(prefix)
+            prefix, expected = p, 0
+        _need(
+            i == expected,
+            "shards",
+            f"{s.path!r} is listed where shard number {expected} of {p!r} belongs: records were "
+            "reordered or one was dropped; re-copy or re-dump the cache",
+        )
+        expected += 1
 
 
 def _check_codec_agrees(targets: TargetsInfo, codec: TargetCodec) -> None:

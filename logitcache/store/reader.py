@@ -86,8 +86,12 @@ class Rows:
         return self.codec.decode(self.encoded)
 
 
-def read_manifest(loc: Location) -> Manifest:
-    """Read and validate ``manifest.json``, telling apart 'no cache' from 'unfinished cache'."""
+def read_manifest(loc: Location, *, check_digest: bool = True) -> Manifest:
+    """Read and validate ``manifest.json``, telling apart 'no cache' from 'unfinished cache'.
+
+    The content digest is recomputed and a stored one that differs is refused, naming both (the
+    manifest was edited after its commit); ``check_digest=False`` is for ``info``, which shows
+    both instead."""
     if not loc.exists(MANIFEST_NAME):
         if not loc.root_exists():
             raise CacheNotFoundError(f"no cache at {loc.url}: the location does not exist")
@@ -98,7 +102,8 @@ def read_manifest(loc: Location) -> Manifest:
                 "run `logitcache finalize` if all ranks finished"
             )
         raise CacheNotFoundError(f"no cache at {loc.url}: manifest.json is missing")
-    return Manifest.from_json(loc.read_bytes(MANIFEST_NAME), where=f"{loc.url}/{MANIFEST_NAME}")
+    where = f"{loc.url}/{MANIFEST_NAME}"
+    return Manifest.from_json(loc.read_bytes(MANIFEST_NAME), where, check_digest=check_digest)
 
 
 def _local_cache(
@@ -298,6 +303,12 @@ class CacheReader:
             raise bad(f"row arrays have shape {data.input_ids.shape}, expected ({rec.rows}, {s})")
         if data.loss_mask.size and data.loss_mask.max() > 1:
             raise bad("loss_mask holds values other than 0 and 1")
+        vocab = self.manifest.padded_vocab_size
+        if data.input_ids.size and (data.input_ids.min() < 0 or data.input_ids.max() >= vocab):
+            raise bad(
+                f"input_ids lie in [{data.input_ids.min()}, {data.input_ids.max()}], outside "
+                f"[0, padded_vocab_size {vocab})"
+            )
         positions = int(data.loss_mask.astype(np.int64).sum())
         if positions != rec.positions:
             raise bad(f"loss_mask selects {positions} positions, manifest says {rec.positions}")

@@ -26,7 +26,7 @@ from logitcache.errors import (
     WriterError,
 )
 from logitcache.format import SampledCodec, TopKCodec
-from logitcache.format.manifest import SourceInfo, TargetsInfo
+from logitcache.format.manifest import SourceInfo, TargetsInfo, content_digest
 from logitcache.report import verify_cache
 from logitcache.store import CacheHeader, CacheReader, CacheWriter, check_output, finalize_cache
 
@@ -334,10 +334,14 @@ def test_corrupt_manifest_json(cache: Path) -> None:
         CacheReader(str(cache))
 
 
-def _edit_manifest(cache: Path, fn) -> None:
+def _edit_manifest(cache: Path, fn, rehash: bool = False) -> None:
+    """Edit manifest.json with ``fn``; ``rehash``: also store the edited content's digest, as a
+    faulty tool would (only the cross-field checks can catch those edits)."""
     m = cache / "manifest.json"
     d = json.loads(m.read_text())
     fn(d)
+    if rehash and "content_digest" in d:
+        d["content_digest"] = content_digest(d)
     m.write_text(json.dumps(d))
 
 
@@ -373,7 +377,7 @@ def test_shard_rows_disagreeing_with_manifest(cache: Path) -> None:
         d["shards"][0]["rows"] += 1
         d.pop("num_rows")
 
-    _edit_manifest(cache, edit)
+    _edit_manifest(cache, edit, rehash=True)
     with pytest.raises(CacheCorruptError, match=r"shards/00000.*manifest says"):
         CacheReader(str(cache)).read_rows(0, 1)
 
@@ -652,9 +656,23 @@ def test_coverage_after_a_resume_equals_the_uninterrupted_run(tmp_path: Path) ->
 
 def test_verify_checks_coverage_against_the_shards(cache: Path) -> None:
     verify_cache(str(cache))
-    _edit_manifest(cache, lambda d: d["coverage"].update(positions=d["num_positions"] + 7))
+
+    def double_count(d: dict) -> None:  # a 1.1 cache (no per-shard sums) resumed by the old bug
+        for s in d["shards"]:
+            s.pop("coverage")
+        d.update(format_version="1.1", content_digest=None)
+        d.pop("content_digest")
+        d["coverage"]["positions"] = d["num_positions"] + 7
+
+    _edit_manifest(cache, double_count)
     with pytest.raises(CacheCorruptError, match=r"coverage counts \d+ positions but the shards"):
         verify_cache(str(cache))
+
+
+def test_coverage_that_disagrees_with_the_shard_records_is_refused(cache: Path) -> None:
+    _edit_manifest(cache, lambda d: d["coverage"].update(positions=d["num_positions"] + 7))
+    with pytest.raises(ManifestError, match=r"coverage\.positions: is \d+ but the shard records"):
+        CacheReader(str(cache))
 
 
 @pytest.mark.parametrize("content", [b"", b"{not json", b"[1, 2]"])
