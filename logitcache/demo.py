@@ -24,7 +24,7 @@ import re
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,13 +36,15 @@ __all__ = ["DemoConfig", "run_demo"]
 
 @dataclass(frozen=True)
 class DemoConfig:
-    out: str = "demo-out"
-    tokens: int = 16_384
-    seq_len: int = 128
-    k: int = 64
-    steps: int = 150
-    batch_size: int = 4
-    device: str = "auto"
+    """The demo's settings; ``logitcache demo``'s flags are these fields (help in metadata)."""
+
+    out: str = field(default="demo-out", metadata={"help": "Working directory."})
+    tokens: int = field(default=16_384, metadata={"help": "Tokens of text to dump."})
+    seq_len: int = field(default=128, metadata={"help": "Tokens per row."})
+    k: int = field(default=64, metadata={"help": "Top-k ids cached per position."})
+    steps: int = field(default=150, metadata={"help": "Training steps per student."})
+    batch_size: int = field(default=4, metadata={"help": "Rows per training step."})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, ..."})
     student_layers: int = 3
     student_hidden: int = 128
     seed: int = 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 
 import click
@@ -12,6 +13,7 @@ from logitcache.cli._common import (
     parse_storage_options,
     storage_option,
 )
+from logitcache.store.share import copy_cache  # no torch: the cache tools start fast
 
 __all__ = ["cp", "finalize", "info", "merge", "verify"]
 
@@ -72,7 +74,13 @@ def finalize(cache: str, world_size: int, storage_options: tuple[str, ...]) -> N
 @click.argument("src")
 @click.argument("dst")
 @click.option("--expect-digest", help="Refuse SRC unless its content digest is this.")
-@click.option("--workers", type=int, default=4, show_default=True, help="Parallel file copies.")
+@click.option(
+    "--workers",
+    type=int,
+    default=inspect.signature(copy_cache).parameters["workers"].default,
+    show_default=True,
+    help="Parallel file copies.",
+)
 @click.option("--break-lock", is_flag=True, help="Remove a dead writer's lock at DST.")
 @storage_option
 @dst_storage_option
@@ -88,8 +96,6 @@ def cp(
 ) -> None:
     """Copy the cache at SRC to DST (any two stores), verifying every file's sha256; rerun to
     resume: files already at DST intact are skipped, and the manifest is written last."""
-    from logitcache.store.share import copy_cache
-
     opts = parse_storage_options(storage_options)
     report = copy_cache(
         src,

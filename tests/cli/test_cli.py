@@ -76,3 +76,47 @@ def test_console_script_help() -> None:
         [sys.executable, "-m", "logitcache", "--help"], capture_output=True, text=True, check=True
     )
     assert "verify" in out.stdout and "info" in out.stdout
+
+
+def test_cli_starts_without_torch() -> None:
+    code = "import sys, logitcache.cli; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("command", ["dump", "train", "demo"])
+def test_flags_are_projections_of_the_config(command: str) -> None:
+    """Every flag's default is its config field's default (unit flags converted), and shown."""
+    import dataclasses
+
+    import click
+
+    from logitcache.cli import cli as group
+    from logitcache.cli._common import MIB
+    from logitcache.demo import DemoConfig
+    from logitcache.dump import DumpConfig
+    from logitcache.train import TrainConfig
+
+    cmd = group.commands[command]
+    config = {"dump": DumpConfig, "train": TrainConfig, "demo": DemoConfig}[command]
+    defaults = {
+        f.name: f.default
+        for f in dataclasses.fields(config)
+        if f.default is not dataclasses.MISSING
+    }
+    shared = {"storage_options"}  # one definition in cli/_common.py, parsed from KEY=VALUE
+    params = [p for p in cmd.get_params(click.Context(cmd)) if p.name in set(defaults) - shared]
+    assert len(params) >= len(defaults) - 3  # storage_options, queue_depth, progress (dump)
+    for p in params:
+        want = defaults[p.name]
+        got = p.default * MIB if p.name.endswith("_bytes") else p.default
+        assert got == (() if want == () else want), p.name
+        assert p.help, p.name  # type: ignore[attr-defined]
+        if want is not None and want != ():
+            assert p.show_default, p.name  # type: ignore[attr-defined]
+
+
+def test_unit_flags_refuse_nonpositive_values(tmp_path: Path) -> None:
+    args = ["dump", "--teacher", "t", "--data", "d", "--out", str(tmp_path), "--seq-len", "8"]
+    r = CliRunner().invoke(cli, [*args, "--shard-mb", "-1"])
+    assert r.exit_code == 2 and "--shard-mb" in r.output and "must be > 0" in r.output
