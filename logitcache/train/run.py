@@ -50,6 +50,7 @@ from logitcache.train.output import MetricsLog, check_out_dir, check_previous_ru
 from logitcache.train.student import (
     Student,
     check_compatible,
+    check_loss_fits,
     decoder_and_head,
     load_student,
     student_output,
@@ -127,6 +128,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
         allow_vocab_mismatch=cfg.allow_vocab_mismatch,
         cache_name=f"cache {cfg.cache}",
     )
+    check_loss_fits(manifest, cfg.loss, cfg.alpha, f"cache {cfg.cache}")
     if cfg.eval_cache:
         check_compatible(
             student,

@@ -117,10 +117,27 @@ def check_compatible(
             raise ConfigError(
                 f"tokenizer mismatch: {cache_name} was dumped with tokenizer "
                 f"{manifest.tokenizer.name or '?'} (fingerprint {want[:12]}) but the student "
-                f"{student.source} has fingerprint {got[:12]}; train a student with the "
+                f"{student.source} has fingerprint {got[:12]}; re-express the cache in the "
+                "student's vocabulary with `logitcache align`, train a student with the "
                 "teacher's tokenizer, or pass --allow-vocab-mismatch if its ids are a "
                 "prefix-compatible subset of the teacher's"
             )
+
+
+def check_loss_fits(manifest: Manifest, loss: str, alpha: float, cache_name: str) -> None:
+    """Refuse a tail-bucket loss on a cache whose tail mass is unknown (imported from logits or
+    renormalised values: ``targets.tail == "unknown"``), naming the loss that works."""
+    from logitcache.loss.objectives import OBJECTIVES
+
+    objective = OBJECTIVES.get(loss)
+    needs_tail = objective is not None and objective.tail and alpha < 1
+    if manifest.targets.tail == "unknown" and needs_tail:
+        raise ConfigError(
+            f"--loss {loss} needs the teacher's tail mass, but {cache_name} does not know it "
+            "(its targets were imported from logits or renormalised values: targets.tail is "
+            "'unknown'); use --loss kl-renorm, which compares the distributions renormalised "
+            "over the stored ids"
+        )
 
 
 def decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Linear]:

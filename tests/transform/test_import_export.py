@@ -21,6 +21,7 @@ from logitcache.errors import ConfigError, InputError
 from logitcache.format.targets import TopKTargets
 from logitcache.report import verify_cache
 from logitcache.store import CacheReader
+from logitcache.train.student import check_loss_fits
 from logitcache.transform.exporter import export_cache
 from logitcache.transform.importer import ImportConfig, import_cache
 from logitcache.transform.layouts import Layout
@@ -137,8 +138,14 @@ def test_arcee_logits_are_renormalised_and_tail_marked_unknown(
     )
     out = str(tmp_path / "cache")
     import_cache(ImportConfig(str(src), out, layout="arcee", vocab_size=VOCAB, values="float32"))
-    assert CacheReader(out).manifest.targets.tail == "unknown"
+    manifest = CacheReader(out).manifest
+    assert manifest.targets.tail == "unknown"
     _check_values(out, dists, SEQ, renorm=True)
+    # the tail-bucket losses refuse it, naming the loss that works; kl-renorm and hard labels pass
+    with pytest.raises(ConfigError, match="use --loss kl-renorm"):
+        check_loss_fits(manifest, "kl", 0.0, "cache x")
+    check_loss_fits(manifest, "kl-renorm", 0.0, "cache x")
+    check_loss_fits(manifest, "kl", 1.0, "cache x")
 
 
 def test_llamakd_pairs_and_vllm_records(tmp_path: Path, dists: dict[str, Any]) -> None:
