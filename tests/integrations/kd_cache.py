@@ -41,7 +41,9 @@ def teacher() -> LlamaForCausalLM:
     return t
 
 
-def dump_tiny(model: LlamaForCausalLM, url: Path, rows: int, seed: int, tail: str = "bucket") -> None:
+def dump_tiny(
+    model: LlamaForCausalLM, url: Path, rows: int, seed: int, tail: str = "bucket"
+) -> None:
     """Write a top-k cache of ``model``; ``tail="unknown"`` stores values renormalised over the
     k ids (what an import of raw logits gives)."""
     rng = np.random.default_rng(seed)
