@@ -42,10 +42,15 @@ def teacher() -> LlamaForCausalLM:
 
 
 def dump_tiny(
-    model: LlamaForCausalLM, url: Path, rows: int, seed: int, tail: str = "bucket"
+    model: LlamaForCausalLM,
+    url: Path,
+    rows: int,
+    seed: int,
+    tail: str = "bucket",
+    tokenizer: SourceInfo | None = None,
 ) -> None:
     """Write a top-k cache of ``model``; ``tail="unknown"`` stores values renormalised over the
-    k ids (what an import of raw logits gives)."""
+    k ids (what an import of raw logits gives); ``tokenizer`` is recorded in the manifest."""
     rng = np.random.default_rng(seed)
     hdr = CacheHeader(
         codec=TopKCodec(k=K, vocab_size=VOCAB),
@@ -54,6 +59,7 @@ def dump_tiny(
         vocab_size=VOCAB,
         padded_vocab_size=VOCAB,
         teacher=SourceInfo(name="tiny-teacher"),
+        tokenizer=tokenizer or SourceInfo(),
     )
     with CacheWriter(str(url), hdr, shard_bytes=20_000) as w:
         for b in range(0, rows, 16):
