@@ -281,6 +281,7 @@ def tamper_cases(r: Runner, work: Path, teacher: Path, report: dict[str, Any]) -
         report["failures"]["tampered"] = "no cache to tamper with (the dump failed)"
         report["tampered_refused"] = 0
         return
+    report["tampered"] = {}
     base = r.run(*train_args(cache, teacher, work / "train-base"))
     report["baseline_train_ok"] = base.returncode == 0
     if base.returncode != 0:
@@ -296,6 +297,7 @@ def tamper_cases(r: Runner, work: Path, teacher: Path, report: dict[str, Any]) -
             continue
         (copy / "manifest.json").write_text(json.dumps(m, indent=1))
         proc = r.run(*train_args(copy, teacher, work / f"train-{name}"))
+        report["tampered"][name] = f"exit {proc.returncode}: {said(proc, 1)}"
         if proc.returncode != 0 and "Traceback" not in proc.stderr:
             refused += 1
         elif proc.returncode != 0:
@@ -437,6 +439,8 @@ def main() -> int:
             shutil.rmtree(work, ignore_errors=True)
     for name, why in report["failures"].items():
         print(f"NOT OK {name}: {why}")
+    for name, verdict in report.get("tampered", {}).items():
+        print(f"tampered {name}: {verdict}")
     for name, verdict in report.get("bad_inputs", {}).items():
         print(f"bad input {name}: {verdict}")
     summary = {
