@@ -28,13 +28,28 @@
    Reported: the fraction of loop time spent blocked on data (``CachedLogitLoader.wait_seconds``
    / loop time) and the seconds per step.
 
+4. Read and decode amplification of the shard-aware assignment (issue 17), simulated from the
+   sampler's plan over a cache the size of a real one (``--sim-shards`` shards of 120 rows, the
+   bench's rows per 24 MB shard, with a short last shard): every (rank, worker) unit's batches of
+   one epoch, in order. Streaming: a unit fetches and decodes each shard it touches once (the
+   read-ahead drops a shard after its last batch; ``test_dataset.py`` checks that on real
+   shards). Random: a map-style DataLoader deals the rank's batch ``i`` to worker ``i % W``,
+   whose shard LRU holds ``max_cached_shards`` (16) decoded shards; a miss is a fetch and a
+   decode. Amplification = shard bytes fetched (decoded) over all units / the cache's bytes.
+   Also the mean distinct shards in a rank's batch and in a global batch, and the fraction of
+   delivered rows that are padding (the price of whole-shard ownership under DDP).
+
 The last line is a JSON object. Absolute numbers depend on the machine; the ratios are the point.
+The machine's load average (``os.getloadavg``) is printed with the rates: other processes on a
+2-core machine move them (``workers2_vs_1`` above all).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -42,7 +57,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from logitcache.data import make_loader, teacher_targets
+from logitcache.data import RowSampler, make_loader, teacher_targets
 from logitcache.format import TopKCodec, TopKTargets
 from logitcache.format.manifest import SourceInfo, TargetsInfo
 from logitcache.loss import fused_linear_kd_loss
@@ -60,7 +75,7 @@ def real_targets() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]
     return d["input_ids"], d["topk_ids"][:, :K].astype(np.int32), lp, tail, int(d["vocab_size"])
 
 
-def build(url: str, rows: int, shard_bytes: int = 24 << 20) -> dict[str, np.ndarray]:
+def build(url: str, rows: int, shard_bytes: int = 6 << 20) -> dict[str, np.ndarray]:
     """Write the cache; return the same data decoded and uncompressed (the raw reference)."""
     tokens, ids, lp, tail, vocab = real_targets()
     codec = TopKCodec(k=K, vocab_size=vocab)
@@ -154,6 +169,61 @@ def loader_rate(url: str, workers: int, epochs: int, device: str = "cpu") -> flo
     return positions / elapsed
 
 
+def simulate(
+    shards: list[int], world: int, workers: int, order: str, lru: int = 16
+) -> dict[str, float]:
+    """Read/decode amplification, distinct shards per batch and padding of one simulated epoch."""
+    offsets = np.concatenate([[0], np.cumsum(shards)])
+    window = 4 if order == "streaming" else lru // 2
+    decoded = 0  # shard loads, weighted by rows (bytes are proportional to rows here)
+    per_batch, per_global, pad, total = [], collections.defaultdict(set), 0, 0
+    for rank in range(world):
+        s = RowSampler(
+            shards,
+            BATCH,
+            order=order,
+            rank=rank,
+            world_size=world,
+            num_workers=workers,
+            window_shards=window,
+        )
+        if order == "streaming":  # worker w iterates its own unit
+            units = [list(s.iter_batches(w, workers)) for w in range(workers)]
+        else:  # map-style: the rank's sequence dealt round-robin to the workers
+            seq = list(s)
+            units = [seq[w::workers] for w in range(workers)]
+        for batches in units:
+            cache: collections.OrderedDict[int, None] = collections.OrderedDict()
+            for b in batches:
+                shard = np.searchsorted(offsets, b.rows, side="right") - 1
+                per_batch.append(len(np.unique(shard[~b.is_pad])))
+                per_global[b.start].update(shard[~b.is_pad].tolist())
+                pad += int(b.is_pad.sum())
+                total += len(b.rows)
+                for x in np.unique(shard).tolist():
+                    if x in cache:
+                        cache.move_to_end(x)
+                        continue
+                    decoded += shards[x]
+                    cache[x] = None
+                    while order == "random" and len(cache) > lru:
+                        cache.popitem(last=False)
+            # streaming keeps a shard from its first batch to its last (a unit's batches are
+            # known in advance), so the "cache" above never evicts: one load per shard touched
+    amp = decoded / sum(shards)
+    return {
+        "read": amp,
+        "decode": amp,  # every fetch is decoded once, every decode follows a fetch
+        "shards_per_batch": float(np.mean([n for n in per_batch if n])),
+        "shards_per_global_batch": float(np.mean([len(v) for v in per_global.values()])),
+        "padding": pad / total,
+    }
+
+
+def load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 class Student(torch.nn.Module):
     """Embedding, a two-layer MLP and a tied-size head over the teacher's vocabulary."""
 
@@ -215,6 +285,7 @@ def main() -> None:
     ap.add_argument("--train-steps", type=int, default=30)  # one epoch: no worker restart
     ap.add_argument("--student-positions", type=int, default=64)
     ap.add_argument("--student-dim", type=int, default=32)
+    ap.add_argument("--sim-shards", type=int, default=2048, help="shards of the simulated cache")
     ap.add_argument(
         "--device",
         default="cpu",
@@ -237,15 +308,37 @@ def main() -> None:
             result[f"loader_positions_per_s_{workers}worker"] = pps
             print(
                 f"loader, {workers} worker(s)        : {pps / 1e6:8.2f} M positions/s "
-                f"({pps / raw_pps:.2f} x raw)"
+                f"({pps / raw_pps:.2f} x raw, load {load()})"
             )
         result["loader_vs_raw"] = result["loader_positions_per_s_1worker"] / raw_pps
+        result["workers2_vs_1"] = (
+            result["loader_positions_per_s_2worker"] / result["loader_positions_per_s_1worker"]
+        )
+        print(f"2 workers / 1 worker      : {result['workers2_vs_1']:8.2f} (load {load()})")
         frac, step_s = train_wait_fraction(
             url, int(raw["vocab"]), args.train_steps, args.student_positions, args.student_dim
         )
         result["data_wait_fraction"] = frac
         result["train_step_seconds"] = step_s
         print(f"training loop: {step_s:.2f} s/step, data wait {100 * frac:.2f}% of step time")
+    sim = [120] * (args.sim_shards - 1) + [37]
+    for order, world, workers, tag in (("streaming", 64, 4, "64x4"), ("random", 8, 2, "8x2")):
+        t0 = time.perf_counter()
+        got = simulate(sim, world, workers, order)
+        result[f"read_amplification_{tag}"] = got["read"]
+        result[f"decode_amplification_{tag}"] = got["decode"]
+        print(
+            f"{order:9s} {tag}: read amplification {got['read']:.3f}, decode {got['decode']:.3f}, "
+            f"{got['shards_per_batch']:.2f} shards per rank batch, "
+            f"{got['shards_per_global_batch']:.1f} per global batch, "
+            f"{100 * got['padding']:.2f}% padding ({args.sim_shards} shards, "
+            f"{time.perf_counter() - t0:.1f}s)"
+        )
+        if order == "streaming":
+            result["shards_per_batch"] = got["shards_per_batch"]
+            result["shards_per_global_batch"] = got["shards_per_global_batch"]
+            result["padding_fraction_64x4"] = got["padding"]
+    result["load_avg_1min"] = os.getloadavg()[0]
     print(json.dumps({**{k: round(v, 4) for k, v in result.items()}, "device": args.device}))
 
 
