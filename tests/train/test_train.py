@@ -110,7 +110,7 @@ def cfg(cache: Path, out: Path, student: Path, **kw: object) -> TrainConfig:
 
 # Regression: the first steps of a tiny run (CPU, fp32). Any change to the loader order, the loss
 # or the optimizer shows up here; update deliberately, never to make a test pass.
-PINNED = [1.12699, 1.09165, 1.00216, 1.10974, 1.15546]
+PINNED = [1.20304, 1.21185, 1.19245, 1.12742, 1.07744]  # loader order version 2
 
 
 def test_pinned_loss_curve(cache: Path, student_dir: Path, tmp_path: Path) -> None:
@@ -262,7 +262,10 @@ def test_torchrun_two_ranks_equal_single(cache: Path, student_dir: Path, tmp_pat
     assert r.returncode == 0, r.stderr[-3000:]
     two = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert two["world_size"] == 2
-    assert two["losses"] == pytest.approx(single["losses"], rel=1e-5)
+    # Since loader order version 2 each rank reads its own shards, so a global batch depends on
+    # the world size and the curves are no longer equal step by step (same data, other batches).
+    assert len(two["losses"]) == len(single["losses"])
+    assert two["losses"] == pytest.approx(single["losses"], rel=0.15)
 
 
 def test_out_with_a_previous_run_needs_resume(
