@@ -12,6 +12,23 @@ ids + float16 log-probs + float16 tail; sampled = int32 ids + uint16 counts + in
 Quantisation KL = KL(exact || decoded) over the k stored ids plus a tail bucket, nats/token.
 Bytes at other zstd levels (the writer's ``compression_level``) are printed too, with the raw
 encode throughput each costs: the level trades dump-side CPU for bytes, never fidelity.
+
+Id layouts: every top-k figure uses the default ``id_layout="hi-delta"``; ``*_delta_layout`` is
+the same data in the layout of caches before format 1.2, measured in the same run.
+
+262,144-token vocabulary (``*_v262k``): the real top-64 with its ids spread into [0, 262144) by a
+fixed (seeded) random injective map, three ways: ``frequency`` (the headline): order-preserving,
+the slot density falling like ``1/sqrt(slot)`` (a large BPE vocabulary keeps frequent tokens at
+low ids and spreads rare ones); calibrated on the one real measurement we have, a 262k teacher
+whose old-layout high plane cost 0.40 B/entry (this map: 0.39); ``uniform``: order-preserving,
+uniform density (a harder case: ids 5.3x farther apart everywhere); ``random``: a random
+permutation (the worst case: no order survives).
+
+Loss error of the value quantiser (``*_rel_err_<loss>``): the relative error of each loss (sum
+over the 2048 positions) when the teacher's top-64 values are sqrt-quantised (or float16)
+instead of float32, against a student = the teacher's logits (top-256 known, the rest of the
+mass spread evenly over the other ids) plus Gaussian noise of std ``--student-noise``
+(default 1.0: a partly trained student; 0.3: a nearly converged one is also printed).
 The last line is one JSON object with the headline figures.
 """
 
@@ -24,11 +41,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import torch
 from numcodecs import Zstd
 
 from logitcache.format.sampled import SampledCodec
 from logitcache.format.targets import SampledTargets, TopKTargets
 from logitcache.format.topk import TopKCodec
+from logitcache.loss import TopKTeacher, kd_loss
 from logitcache.store.header import DEFAULT_COMPRESSION_LEVEL
 
 LEVEL = DEFAULT_COMPRESSION_LEVEL
@@ -110,11 +129,72 @@ def quant_kl(
     return float(kl.mean())
 
 
+def spread_ids(ids: np.ndarray, v0: int, vocab: int, how: str) -> np.ndarray:
+    """Ids of a ``v0``-token vocabulary spread into ``[0, vocab)`` (see the module docstring)."""
+    rng = np.random.default_rng(262_144)
+    if how == "random":
+        slots = rng.permutation(vocab)[:v0]
+    elif how == "uniform":
+        slots = np.sort(rng.choice(vocab, v0, replace=False))
+    else:
+        w = (np.arange(vocab) + 1.0) ** -0.5
+        slots = np.sort(rng.choice(vocab, v0, replace=False, p=w / w.sum()))
+    return slots[ids].astype(np.int32)
+
+
+def topk_bytes(ids: np.ndarray, lp: np.ndarray, vocab: int, k: int, layout: str) -> dict:
+    """Bytes per entry of each array (and the total), one layout."""
+    t, _ = topk_targets(ids, lp, k)
+    enc = TopKCodec(k=k, vocab_size=vocab, id_layout=layout).encode(t)
+    out = {name: zbytes({name: a}) / t.ids.size for name, a in enc.items()}
+    out["total"] = sum(out.values())
+    return out
+
+
+def loss_errors(ids: np.ndarray, lp: np.ndarray, d: np.lib.npyio.NpzFile, noise: float) -> dict:
+    """Relative error of each top-k loss with quantised teacher values (module docstring)."""
+    k, vocab, chunk = 64, int(d["vocab_size"]), 256
+    t, _ = topk_targets(ids, lp, k)
+    modes = {"float32": t}
+    for values in ("sqrt", "float16"):
+        codec = TopKCodec(k=k, vocab_size=vocab, values=values)
+        modes[values] = codec.decode(codec.encode(t))
+    logits, lse = d["topk_logits"].astype(np.float64), d["logsumexp"].astype(np.float64)
+    rest = np.log(np.maximum(np.exp(lse) - np.exp(logits).sum(1), 1e-30) / (vocab - 256))
+    rng = np.random.default_rng(0)
+    sums = {(m, loss): 0.0 for m in modes for loss in LOSSES}
+    for c0 in range(0, len(ids), chunk):
+        sl = slice(c0, c0 + chunk)
+        z = np.repeat(rest[sl, None], vocab, axis=1)
+        np.put_along_axis(z, d["topk_ids"][sl].astype(np.int64), logits[sl], axis=1)
+        z += rng.normal(0.0, noise, z.shape)
+        student = torch.from_numpy(z.astype(np.float32))
+        for m, tt in modes.items():
+            teacher = TopKTeacher(
+                ids=torch.from_numpy(tt.ids[sl].astype(np.int64)),
+                logprobs=torch.from_numpy(tt.logprobs[sl]),
+                tail_logprob=torch.from_numpy(tt.tail_logprob[sl]),
+            )
+            for loss in LOSSES:
+                sums[m, loss] += float(kd_loss(student, teacher, loss=loss)[0])
+    out: dict[str, float] = {}
+    for loss in LOSSES:
+        ref = sums["float32", loss]
+        out[f"loss_{loss}"] = ref / len(ids)
+        for m in ("sqrt", "float16"):
+            out[f"{m}_rel_err_{loss}"] = abs(sums[m, loss] - ref) / ref
+    return out
+
+
+LOSSES = ("kl", "reverse-kl", "jsd", "kl-renorm")
+
+
 def bench_topk(ids: np.ndarray, lp: np.ndarray, vocab: int, k: int, reps: int) -> dict:
     t, tail = topk_targets(ids, lp, k)
     p = t.num_positions
     codec = TopKCodec(k=k, vocab_size=vocab)
     enc = codec.encode(t)
+    old = TopKCodec(k=k, vocab_size=vocab, id_layout="delta").encode(t)
     dec = codec.decode(enc)
     naive = {
         "ids": t.ids.astype(np.int32),
@@ -148,6 +228,7 @@ def bench_topk(ids: np.ndarray, lp: np.ndarray, vocab: int, k: int, reps: int) -
         "levels": codec.levels,
         "bytes_per_entry": zbytes(enc) / t.ids.size,
         "bytes_per_token": zbytes(enc) / p,
+        "delta_layout_bytes_per_entry": zbytes(old) / t.ids.size,
         **by_level(enc, t.ids.size),
         "naive_bytes_per_entry": zbytes(naive) / t.ids.size,
         "quant_kl": quant_kl(t, tail, dec.ids, dec.logprobs, dec.tail_logprob),
@@ -189,8 +270,8 @@ def draw_samples(ids: np.ndarray, lp: np.ndarray, n: int, seed: int) -> SampledT
 def bench_sampled(ids: np.ndarray, lp: np.ndarray, vocab: int, n: int, reps: int) -> dict:
     t = draw_samples(ids, lp, n, seed=n)
     t_nolp = SampledTargets(t.num_unique, t.ids, t.counts, None, t.temperature_lognorm)
-    codec = SampledCodec(n=n, vocab_size=vocab)
-    codec_lp = SampledCodec(n=n, vocab_size=vocab, logprobs="uint8")
+    codec = SampledCodec(samples=n, vocab_size=vocab)
+    codec_lp = SampledCodec(samples=n, vocab_size=vocab, logprobs="uint8")
     enc = codec.encode(t_nolp)
     dec = codec.decode(enc)
     if not (np.array_equal(dec.ids, t.ids) and np.array_equal(dec.counts, t.counts)):
@@ -227,6 +308,7 @@ def bench_sampled(ids: np.ndarray, lp: np.ndarray, vocab: int, n: int, reps: int
         **by_level(enc, e),
         "bytes_per_token": zbytes(enc) / t.num_positions,
         "bytes_per_entry_with_uint8_logprobs": zbytes(codec_lp.encode(t)) / e,
+        "bytes_per_token_with_uint8_logprobs": zbytes(codec_lp.encode(t)) / t.num_positions,
         "naive_bytes_per_entry": zbytes(naive) / e,
         "encode_pos_s": npos / best_of(encode),
         "decode_pos_s": npos / best_of(lambda: codec.decode(decompress(blobs))),
@@ -238,7 +320,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--tile", type=int, default=32)
+    ap.add_argument("--student-noise", type=float, default=1.0)
     args = ap.parse_args()
+    torch.set_num_threads(1)
     d = np.load(args.data)
     vocab = int(d["vocab_size"])
     lp = (d["topk_logits"] - d["logsumexp"][:, None]).astype(np.float32)
@@ -258,7 +342,7 @@ def main() -> None:
             f"{r['encode_pos_s']:>10.3g} {r['naive_encode_pos_s']:>10.3g} "
             f"{r['decode_pos_s']:>10.3g} {r['naive_decode_pos_s']:>10.3g}"
         )
-    smp = [bench_sampled(ids, lp, vocab, n, args.tile) for n in (16, 50)]
+    smp = [bench_sampled(ids, lp, vocab, n, args.tile) for n in (16, 50, 64)]
     print("\nsampled: n draws from the top-256 renormalised (the tail is not sampled)")
     print(
         f"{'n':>6} {'uniq':>5} {'B/entry':>8} {'naive':>6} {'+lp u8':>7} {'B/token':>8} "
@@ -272,7 +356,26 @@ def main() -> None:
             f"{r['encode_pos_s']:>10.3g} {r['decode_pos_s']:>10.3g} "
             f"{r['naive_decode_pos_s']:>10.3g}"
         )
-    k64, s50 = top[2], smp[1]
+    k64, s50, s64 = top[2], smp[1], smp[2]
+    print("\ntop-64 at vocabulary 262,144 (ids spread by a fixed map), bytes/entry by array:")
+    v262: dict[str, dict] = {}
+    for how in ("frequency", "uniform", "random"):
+        spread = spread_ids(ids, vocab, 262_144, how)
+        for layout in ("hi-delta", "delta"):
+            r = topk_bytes(spread, lp, 262_144, 64, layout)
+            v262[f"{how}/{layout}"] = r
+            print(f"{how:>10} {layout:>9}: " + ", ".join(f"{n} {x:.3f}" for n, x in r.items()))
+    errs = {}
+    for noise in sorted({args.student_noise, 0.3}, reverse=True):
+        errs[noise] = loss_errors(ids, lp, d, noise)
+        print(f"\nloss error of quantised teacher values, student = teacher + N(0, {noise}^2):")
+        for loss in LOSSES:
+            e = errs[noise]
+            print(
+                f"{loss:>11}: loss {e[f'loss_{loss}']:.4f} nats/position, relative error sqrt "
+                f"{e[f'sqrt_rel_err_{loss}']:.2e}, float16 {e[f'float16_rel_err_{loss}']:.2e}"
+            )
+    err = errs[args.student_noise]
     print("\nzstd level (store option compression_level): bytes/entry (raw encode MB/s, 1 core)")
     for name, r in (("top-64", k64), ("sampled-50", s50)):
         print(
@@ -298,6 +401,36 @@ def main() -> None:
         "topk_naive_bytes_per_entry": {r["k"]: round(r["naive_bytes_per_entry"], 4) for r in top},
         "sampled_bytes_per_entry": {r["n"]: round(r["bytes_per_entry"], 4) for r in smp},
         "sampled16_bytes_per_entry": round(smp[0]["bytes_per_entry"], 4),
+        "topk64_bytes_per_entry_delta_layout": round(k64["delta_layout_bytes_per_entry"], 4),
+        "topk64_bytes_per_entry_v262k": round(v262["frequency/hi-delta"]["total"], 4),
+        "topk64_bytes_per_entry_v262k_delta_layout": round(v262["frequency/delta"]["total"], 4),
+        **{
+            f"topk64_bytes_per_entry_v262k_{how}{suffix}": round(v262[f"{how}/{lay}"]["total"], 4)
+            for how in ("uniform", "random")
+            for lay, suffix in (("hi-delta", ""), ("delta", "_delta_layout"))
+        },
+        "sampled50_bytes_per_entry_uint8_logprobs": round(
+            s50["bytes_per_entry_with_uint8_logprobs"], 4
+        ),
+        "sampled64_bytes_per_token_uint8_logprobs": round(
+            s64["bytes_per_token_with_uint8_logprobs"], 2
+        ),
+        "sampled64_bytes_per_token": round(s64["bytes_per_token"], 2),
+        "student_noise": args.student_noise,
+        **{
+            f"sqrt_rel_err_{x.replace('-', '_')}": float(f"{err[f'sqrt_rel_err_{x}']:.3g}")
+            for x in LOSSES
+        },
+        **{
+            f"float16_rel_err_{x.replace('-', '_')}": float(f"{err[f'float16_rel_err_{x}']:.3g}")
+            for x in LOSSES
+        },
+        **{
+            f"sqrt_rel_err_{x.replace('-', '_')}_student_noise_0.3": float(
+                f"{errs[0.3][f'sqrt_rel_err_{x}']:.3g}"
+            )
+            for x in LOSSES
+        },
     }
     print(json.dumps(summary))
 

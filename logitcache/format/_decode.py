@@ -160,7 +160,10 @@ def decode_ids_torch(planes: Mapping[str, Any]) -> Any:
 def last_ids_np(planes: Mapping[str, np.ndarray]) -> np.ndarray:
     """The largest id of each position, int64 [P], exact even for damaged arrays (no wrap)."""
     steps, low = _steps_np(planes)
-    total = steps.sum(axis=1, dtype=np.int64)
+    # einsum into uint32 is ~2.5x faster than .sum(dtype=int64) (0.2 vs 0.5 ms at 16k x 64) and
+    # exact while k * max step < 2**32 (uint16 steps: k < 65537); wider steps use int64
+    wide = steps.dtype.itemsize > 2 or steps.shape[-1] * 0xFFFF >= 1 << 32
+    total = np.einsum("ij->i", steps, dtype=np.int64 if wide else np.uint32).astype(np.int64)
     if low is None:
         return total
     return (total << 8) | low[:, -1] if low.shape[1] else total
