@@ -33,7 +33,7 @@ import torch
 
 from logitcache._smollm2 import smollm2_dir
 from logitcache.dump import DumpConfig, run_dump
-from logitcache.dump.inputs import InputOptions, RowBatch, iter_batches, iter_rows
+from logitcache.dump.inputs import InputOptions, TokenBatch, iter_batches, iter_rows
 from logitcache.dump.sparsify import SparsifyConfig, sparsify_batch
 from logitcache.dump.teacher import Teacher, load_teacher
 
@@ -52,7 +52,7 @@ def token_file(teacher: Teacher, tokens: int, path: Path) -> Path:
     return path
 
 
-def time_teacher(teacher: Teacher, batches: list[RowBatch]) -> float:
+def time_teacher(teacher: Teacher, batches: list[TokenBatch]) -> float:
     start = time.perf_counter()
     with torch.no_grad():
         for b in batches:
@@ -62,7 +62,7 @@ def time_teacher(teacher: Teacher, batches: list[RowBatch]) -> float:
     return time.perf_counter() - start
 
 
-def time_sparsify(teacher: Teacher, batches: list[RowBatch], config: SparsifyConfig) -> float:
+def time_sparsify(teacher: Teacher, batches: list[TokenBatch], config: SparsifyConfig) -> float:
     start = time.perf_counter()
     for b in batches:
         sparsify_batch(teacher, b.input_ids, b.loss_mask, b.row_ids, config)

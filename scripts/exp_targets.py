@@ -150,7 +150,7 @@ def match_samples(teacher: Path, calib: Path, work: Path, args: argparse.Namespa
                 calib,
                 work / f"calib-s{n}",
                 args,
-                method="sample",
+                method="sampled",
                 samples=n,
                 sample_logprobs="none",
             )
@@ -439,7 +439,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     specs: dict[str, dict[str, Any]] = {
         "topk12": {"k": 12},
         "topk64": {"k": 64},
-        "sampled": {"method": "sample", "samples": n, "sample_logprobs": "none"},
+        "sampled": {"method": "sampled", "samples": n, "sample_logprobs": "none"},
     }
     need = {"topk64"} if "topk64-tail" in wanted else set()
     need |= {"sampled"} if "sampled" in wanted else set()

@@ -68,7 +68,7 @@ from logitcache.format.fingerprint import tokenizer_fingerprint
 __all__ = [
     "InputOptions",
     "Row",
-    "RowBatch",
+    "TokenBatch",
     "dataset_fingerprint",
     "iter_batches",
     "iter_rows",
@@ -128,7 +128,7 @@ class Row:
 
 
 @dataclass(frozen=True, eq=False)
-class RowBatch:
+class TokenBatch:
     """Stacked rows: row_ids [B] int64, input_ids [B, S] int32, loss_mask [B, S] bool."""
 
     row_ids: np.ndarray
@@ -298,7 +298,7 @@ def _no_pack(
             yield ids[start:end], targets[start:end]
 
 
-def iter_batches(rows: Iterable[Row], batch_size: int) -> Iterator[RowBatch]:
+def iter_batches(rows: Iterable[Row], batch_size: int) -> Iterator[TokenBatch]:
     """Stack consecutive rows into batches of ``batch_size`` (the last one may be smaller)."""
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
@@ -312,8 +312,8 @@ def iter_batches(rows: Iterable[Row], batch_size: int) -> Iterator[RowBatch]:
         yield _stack(group)
 
 
-def _stack(rows: list[Row]) -> RowBatch:
-    return RowBatch(
+def _stack(rows: list[Row]) -> TokenBatch:
+    return TokenBatch(
         row_ids=np.array([r.row_id for r in rows], dtype=np.int64),
         input_ids=np.stack([r.input_ids for r in rows]),
         loss_mask=np.stack([r.loss_mask for r in rows]),

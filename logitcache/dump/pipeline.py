@@ -34,7 +34,7 @@ from dataclasses import replace
 from typing import IO, Any, TypeVar
 
 from logitcache._distributed import RankInfo
-from logitcache.dump.inputs import RowBatch
+from logitcache.dump.inputs import TokenBatch
 from logitcache.dump.sparsify import CoverageStats, SparseBatch
 from logitcache.errors import ConfigError, WriterError
 from logitcache.format.targets import SampledTargets, TopKTargets
@@ -56,7 +56,9 @@ def rank_part(info: RankInfo) -> str | None:
 # -- resume alignment ---------------------------------------------------------------------------
 
 
-def drop_leading_rows(batch: RowBatch, sparse: SparseBatch, n: int) -> tuple[RowBatch, SparseBatch]:
+def drop_leading_rows(
+    batch: TokenBatch, sparse: SparseBatch, n: int
+) -> tuple[TokenBatch, SparseBatch]:
     """Remove the first ``n`` rows (and their positions and entries) from a computed batch.
 
     A resumed dump recomputes the whole batch its first missing row falls in, so every batch
@@ -86,8 +88,9 @@ def drop_leading_rows(batch: RowBatch, sparse: SparseBatch, n: int) -> tuple[Row
             logprobs=None if t.logprobs is None else t.logprobs[e0:],
             temperature_lognorm=t.temperature_lognorm[p0:],
         )
-    stats = CoverageStats(sparse.stats.captured_mass[p0:], sparse.stats.entropy[p0:])
-    kept = RowBatch(batch.row_ids[n:], batch.input_ids[n:], batch.loss_mask[n:])
+    st = sparse.stats
+    stats = CoverageStats(st.captured_mass[p0:], st.entropy[p0:], st.nll[p0:])
+    kept = TokenBatch(batch.row_ids[n:], batch.input_ids[n:], batch.loss_mask[n:])
     return kept, replace(
         sparse,
         row_ids=sparse.row_ids[n:],
@@ -99,7 +102,7 @@ def drop_leading_rows(batch: RowBatch, sparse: SparseBatch, n: int) -> tuple[Row
 
 # -- background writer --------------------------------------------------------------------------
 
-_Item = tuple[RowBatch, SparseBatch] | None
+_Item = tuple[TokenBatch, SparseBatch] | None
 
 
 T = TypeVar("T")
@@ -196,7 +199,7 @@ class BackgroundWriter:
         if self._error is not None:
             raise self._error
 
-    def put(self, batch: RowBatch, sparse: SparseBatch) -> None:
+    def put(self, batch: TokenBatch, sparse: SparseBatch) -> None:
         """Queue a batch; blocks while ``depth`` batches wait; raises the thread's error."""
         while True:
             self._raise_if_failed()

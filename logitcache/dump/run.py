@@ -36,6 +36,7 @@ from __future__ import annotations
 import itertools
 import os
 import time
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -88,7 +89,7 @@ class DumpConfig:
     input_format: str | None = None
     column: str | None = None
     pack: bool = True
-    method: Literal["topk", "sample"] = "topk"
+    method: Literal["topk", "sampled"] = "topk"
     k: int = 64
     samples: int = 64
     seed: int = 0
@@ -114,8 +115,15 @@ class DumpConfig:
     def __post_init__(self) -> None:
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite exclude each other; pick one")
-        if self.method not in ("topk", "sample"):
-            raise ConfigError(f"method must be 'topk' or 'sample', got {self.method!r}")
+        if self.method == "sample":  # the spelling before 0.2 (the manifest always said sampled)
+            warnings.warn(
+                "method 'sample' is now spelled 'sampled' (as in the manifest)",
+                DeprecationWarning,
+                stacklevel=3,
+            )
+            object.__setattr__(self, "method", "sampled")
+        if self.method not in ("topk", "sampled"):
+            raise ConfigError(f"method must be 'topk' or 'sampled', got {self.method!r}")
         for name in ("batch_size", "queue_depth", "k", "samples", "chunk_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -126,7 +134,7 @@ class DumpConfig:
         return SparsifyConfig(
             method=self.method,
             k=self.k,
-            num_samples=self.samples,
+            samples=self.samples,
             seed=self.seed,
             temperatures=tuple(float(t) for t in self.temperatures),
             sample_logprobs=self.sample_logprobs != "none",
@@ -380,7 +388,7 @@ def _header(config: DumpConfig, teacher: Teacher, data_fp: str, info: RankInfo) 
         "teacher_file": config.teacher_file,
         "input": config.input_options().to_dict(),
     }
-    if config.method == "sample":
+    if config.method == "sampled":
         options["seed"] = config.seed
     return CacheHeader(
         codec=codec,

@@ -22,7 +22,7 @@ import importlib
 import os
 import re
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -103,6 +103,17 @@ class Teacher:
     device: torch.device
     max_seq_len: int | None
     head: SplitHead | None  # None: full-logits fallback
+    # device buffers the sparsify step reuses from batch to batch (a fresh 100 MB+ buffer per
+    # batch costs its page faults again on a CPU); see :meth:`scratch`
+    buffers: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def scratch(self, name: str, numel: int) -> torch.Tensor:
+        """A flat float32 device buffer of at least ``numel`` elements, kept for the next call."""
+        buf = self.buffers.get(name)
+        if buf is None or buf.numel() < numel:
+            self.buffers.pop(name, None)  # free the old one before allocating the larger one
+            buf = self.buffers[name] = torch.empty(numel, device=self.device)
+        return buf[:numel]
 
 
 def load_teacher(

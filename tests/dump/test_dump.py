@@ -208,7 +208,7 @@ def test_sampled_dump_matches_teacher(
     tmp_path: Path, tiny_teacher_dir: Path, text_data: Path, model: Any
 ) -> None:
     out = tmp_path / "sampled"
-    args = ("--method", "sample", "--samples", "16", "--seed", "3",
+    args = ("--method", "sampled", "--samples", "16", "--seed", "3",
             "--sample-logprobs", "float16", "--no-count")  # fmt: skip
     run_cli(*dump_args(tiny_teacher_dir, text_data, out, *args))
     cache = load_cache(out)
@@ -413,7 +413,7 @@ def test_refuses_existing_output(
         (("--k", "4"), "k"),
         (("--temperature", "3"), "temperatures"),
         (("--seq-len", "16"), "seq_len"),
-        (("--method", "sample"), "method"),
+        (("--method", "sampled"), "method"),
     ],
 )
 def test_resume_refuses_changed_config(
@@ -483,10 +483,10 @@ class _FailingWriter:
 
 
 def test_background_writer_raises_thread_errors_in_main_thread() -> None:
-    from logitcache.dump.inputs import RowBatch
+    from logitcache.dump.inputs import TokenBatch
 
     stats = SimpleNamespace(captured_mass=None, entropy=None)
-    item = (RowBatch(np.zeros(1), np.zeros((1, 2)), np.zeros((1, 2))),
+    item = (TokenBatch(np.zeros(1), np.zeros((1, 2)), np.zeros((1, 2))),
             SimpleNamespace(targets=None, stats=stats))  # fmt: skip
     writer = _FailingWriter()
     bg = BackgroundWriter(writer, depth=1)  # type: ignore[arg-type]
@@ -561,3 +561,12 @@ def test_read_ahead_keeps_order_raises_in_order_and_stops() -> None:
     assert next(gen) == 0
     gen.close()
     assert not _reader_threads()
+
+
+def test_method_is_spelled_sampled_and_sample_is_a_deprecated_alias(tmp_path: Path) -> None:
+    from logitcache.dump import DumpConfig
+
+    with pytest.warns(DeprecationWarning, match="sampled"):
+        config = DumpConfig(teacher="t", data="d", out="o", seq_len=8, method="sample")  # type: ignore[arg-type]
+    assert config.method == "sampled" and config.sparsify_config().method == "sampled"
+    assert config.sparsify_config().samples == config.samples

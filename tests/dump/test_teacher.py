@@ -70,7 +70,7 @@ def test_topk_equals_dense_reference(teacher: Teacher, rows: Any) -> None:
 
 def test_chunked_equals_unchunked(teacher: Teacher, rows: Any) -> None:
     ids, mask, row_ids = rows
-    for method in ("topk", "sample"):
+    for method in ("topk", "sampled"):
         outs = [
             sparsify_batch(
                 teacher, ids, mask, row_ids, SparsifyConfig(method=method, k=5, chunk_tokens=c)
@@ -89,7 +89,7 @@ def test_padded_vocab_excluded(rows: Any) -> None:
     with torch.no_grad():  # padded rows that would win every top-k and dominate the normaliser
         model.lm_head.weight[REAL:] = model.lm_head.weight[:1] * 50
     teacher = teacher_from_model(model, None, real_vocab_size=REAL)
-    for method in ("sample", "topk"):
+    for method in ("sampled", "topk"):
         out = sparsify_batch(teacher, ids, mask, row_ids, SparsifyConfig(method=method, k=8))
         assert out.targets.ids.max() < REAL
     ref = _reference(model, ids, mask)
@@ -102,7 +102,7 @@ def test_padded_vocab_excluded(rows: Any) -> None:
 
 def test_sampling_reproducible_and_batch_independent(teacher: Teacher, rows: Any) -> None:
     ids, mask, row_ids = rows
-    cfg = SparsifyConfig(method="sample", num_samples=32, seed=5)
+    cfg = SparsifyConfig(method="sampled", samples=32, seed=5)
     both = sparsify_batch(teacher, ids[:2], mask[:2], row_ids[:2], cfg)
     swapped = sparsify_batch(teacher, ids[[1, 0]], mask[[1, 0]], row_ids[[1, 0]], cfg)
     alone = sparsify_batch(teacher, ids[1:2], mask[1:2], row_ids[1:2], cfg)
@@ -121,7 +121,7 @@ def test_sampling_reproducible_and_batch_independent(teacher: Teacher, rows: Any
         ids[:2],
         mask[:2],
         row_ids[:2],
-        SparsifyConfig(method="sample", num_samples=32, seed=6),
+        SparsifyConfig(method="sampled", samples=32, seed=6),
     ).targets
     assert not np.array_equal(other.ids, t.ids)
     # structure: ascending unique ids per position, counts sum to n, log-probs are the teacher's
@@ -137,7 +137,7 @@ def test_sampling_frequencies_match_teacher(teacher: Teacher, rows: Any) -> None
     ids, mask, _ = rows
     one = np.zeros_like(mask[:1])
     one[0, 4] = True
-    cfg = SparsifyConfig(method="sample", num_samples=40_000, seed=1)
+    cfg = SparsifyConfig(method="sampled", samples=40_000, seed=1)
     t = sparsify_batch(teacher, ids[:1], one, np.array([0]), cfg).targets
     p = _reference(teacher.model, ids[:1], one)[0].exp().numpy()
     freq = np.zeros(REAL)
@@ -240,3 +240,35 @@ def test_load_errors_and_identity(tiny_teacher_dir: Path, teacher: Teacher, rows
         SparsifyConfig(temperatures=(0.0,))
     big_k = sparsify_batch(teacher, ids, mask, row_ids, SparsifyConfig(k=REAL + 4)).targets
     assert np.isneginf(big_k.logprobs[:, REAL:]).all() and np.isneginf(big_k.tail_logprob).all()
+
+
+def test_entropy_and_nll_equal_dense_reference(teacher: Teacher, rows: Any) -> None:
+    ids, mask, row_ids = rows
+    for method in ("topk", "sampled"):
+        out = sparsify_batch(teacher, ids, mask, row_ids, SparsifyConfig(method=method, k=8))
+        ref = _reference(teacher.model, ids, mask)
+        want_h = -(ref.exp() * ref).sum(1)
+        np.testing.assert_allclose(out.stats.entropy, want_h.numpy(), atol=2e-5)
+        b, t = np.nonzero(mask)
+        labels = torch.as_tensor(ids[b, t + 1], dtype=torch.long)
+        want_nll = -ref.gather(1, labels[:, None]).squeeze(1)
+        np.testing.assert_allclose(out.stats.nll, want_nll.numpy(), atol=2e-5)
+
+
+def test_blocks_of_rows_equal_one_block(
+    teacher: Teacher, rows: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CPU processes a chunk a few rows at a time (cache-sized blocks): same results."""
+    import logitcache.dump.sparsify as sp
+
+    ids, mask, row_ids = rows
+    for method in ("topk", "sampled"):
+        cfg = SparsifyConfig(method=method, k=8, temperatures=TEMPS)
+        one = sparsify_batch(teacher, ids, mask, row_ids, cfg)
+        monkeypatch.setattr(sp, "_CPU_BLOCK_BYTES", 3 * REAL * 4)  # 3 rows per block
+        blocks = sparsify_batch(teacher, ids, mask, row_ids, cfg)
+        monkeypatch.undo()
+        for name in ("ids", "logprobs", "temperature_lognorm"):
+            np.testing.assert_array_equal(getattr(one.targets, name), getattr(blocks.targets, name))
+        for name in ("captured_mass", "entropy", "nll"):
+            np.testing.assert_array_equal(getattr(one.stats, name), getattr(blocks.stats, name))
