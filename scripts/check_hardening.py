@@ -21,7 +21,9 @@ about three minutes on two busy cores.
   the cache with the reader) must refuse: the content digest replaced, ``padded_vocab_size``
   changed, ``targets.k`` disagreeing with the codec, the shard records reordered, a shard record
   dropped with the totals fixed to match. The untampered cache must train (``baseline_train_ok``),
-  or the count means nothing.
+  or the count means nothing. ``tampered_resigned_refused`` (of 4): the last four edits again,
+  with ``content_digest`` recomputed to match (a forger's edit): only cross-field checks catch
+  those.
 - ``bad_inputs_one_line`` (of 11): inputs that must be answered with exit != 0 and one line on
   stderr without a traceback. "One line": the non-empty lines of stderr, click's usage preamble
   (``Usage: ...`` and ``Try '... --help' for help.``) and progress bars (``NN%|...|``, such as
@@ -241,6 +243,8 @@ def _drop_last_shard(m: dict[str, Any]) -> None:
             m[total] -= gone[per]
     if "num_bytes" in m and "bytes" not in gone:
         m["num_bytes"] -= sum(f["bytes"] for f in gone.get("files", []))
+    if "positions" in gone and isinstance(m.get("coverage"), dict) and "positions" in m["coverage"]:
+        m["coverage"]["positions"] -= gone["positions"]
 
 
 def _swap_digest(m: dict[str, Any]) -> None:
@@ -306,6 +310,32 @@ def tamper_cases(r: Runner, work: Path, teacher: Path, report: dict[str, Any]) -
         else:
             report["failures"][f"tampered_{name}"] = "trained with exit 0"
     report["tampered_refused"] = refused
+    resigned_cases(r, work, teacher, report)
+
+
+def resigned_cases(r: Runner, work: Path, teacher: Path, report: dict[str, Any]) -> None:
+    """The same edits by a forger who also rewrites ``content_digest`` to match: only the
+    cross-field checks (k vs codec, totals vs shards, shard order) can refuse these."""
+    try:
+        from logitcache.format.manifest import content_digest
+    except ImportError as e:
+        report["failures"]["tampered_resigned"] = f"cannot compute a digest: {e}"
+        return
+    refused = 0
+    report["tampered_resigned"] = {}
+    for name, edit in TAMPERS.items():
+        if name == "content_digest_replaced":
+            continue
+        copy = work / f"resigned-{name}"
+        shutil.copytree(work / "full", copy)
+        m = manifest(copy)
+        edit(m)
+        m["content_digest"] = content_digest(m)
+        (copy / "manifest.json").write_text(json.dumps(m, indent=1))
+        proc = r.run(*train_args(copy, teacher, work / f"train-resigned-{name}"))
+        report["tampered_resigned"][name] = f"exit {proc.returncode}: {said(proc, 1)}"
+        refused += proc.returncode != 0
+    report["tampered_resigned_refused"] = refused
 
 
 # -- bad inputs ------------------------------------------------------------------------------------
@@ -441,6 +471,8 @@ def main() -> int:
         print(f"NOT OK {name}: {why}")
     for name, verdict in report.get("tampered", {}).items():
         print(f"tampered {name}: {verdict}")
+    for name, verdict in report.get("tampered_resigned", {}).items():
+        print(f"tampered and re-signed {name}: {verdict}")
     for name, verdict in report.get("bad_inputs", {}).items():
         print(f"bad input {name}: {verdict}")
     summary = {
@@ -449,6 +481,8 @@ def main() -> int:
         "tampered_total": len(TAMPERS),
         "bad_inputs_one_line": int(report.get("bad_inputs_one_line", 0)),
         "bad_inputs_total": int(report.get("bad_inputs_total", 11)),
+        "tampered_resigned_refused": report.get("tampered_resigned_refused"),
+        "tampered_resigned_total": len(TAMPERS) - 1,
         "coverage_exact_after_resume": bool(report.get("coverage_exact_after_resume", False)),
         "baseline_train_ok": bool(report.get("baseline_train_ok", False)),
         "pickles_executed": int(report.get("pickles_executed", 0)),

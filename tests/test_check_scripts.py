@@ -56,14 +56,17 @@ def test_one_line_verdict(rc: int, stderr: str, one: bool) -> None:
 
 def _manifest() -> dict[str, Any]:
     shards = [
-        {"path": f"s{i}", "rows": 2 + i, "files": [{"bytes": 10 * (i + 1)}]} for i in range(3)
+        {"path": f"s{i}", "rows": 2 + i, "positions": 5, "files": [{"bytes": 10 * (i + 1)}]}
+        for i in range(3)
     ]
     return {
         "content_digest": "sha256:" + "ab" * 32,
         "padded_vocab_size": 320,
         "targets": {"k": 8},
         "num_rows": 9,
+        "num_positions": 15,
         "num_bytes": 60,
+        "coverage": {"positions": 15, "entropy": 1.0},
         "shards": shards,
     }
 
@@ -75,7 +78,8 @@ def test_tampers_change_what_they_name() -> None:
         assert m != _manifest(), name
     m = _manifest()
     hardening._drop_last_shard(m)
-    assert (len(m["shards"]), m["num_rows"], m["num_bytes"]) == (2, 5, 30)
+    totals = (m["num_rows"], m["num_positions"], m["num_bytes"], m["coverage"]["positions"])
+    assert len(m["shards"]) == 2 and totals == (5, 10, 30, 10)
 
 
 def test_malicious_pickle_would_run_a_command(tmp_path: Path) -> None:
