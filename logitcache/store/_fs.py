@@ -34,12 +34,13 @@ from datetime import datetime, timezone
 from typing import Any, TypeVar
 
 import fsspec
+import google_crc32c
 from fsspec.implementations.local import LocalFileSystem
 
 from logitcache.errors import ConfigError, StorageError
 from logitcache.format.manifest import check_relative_path
 
-__all__ = ["Location", "open_location"]
+__all__ = ["Location", "crc32c", "open_location"]
 
 TMP_PREFIX = ".tmp-"
 # Filesystems whose single-object writes are atomic and whose "rename" is a copy.
@@ -56,6 +57,12 @@ _PERMANENT = (
     NotADirectoryError,
 )
 T = TypeVar("T")
+
+
+def crc32c(data: bytes) -> int:
+    """CRC-32C (Castagnoli) of ``data``: hardware-accelerated (~6 GB/s per core here), what a
+    reader checks when it skips the sha256. google-crc32c comes with zarr 3."""
+    return int(google_crc32c.value(data))
 
 
 def is_transient(e: BaseException) -> bool:

@@ -2,10 +2,10 @@
 
 Opening a cache reads only ``manifest.json`` (validated; never a directory listing). A shard is
 fetched whole the first time one of its rows is needed: its files are checked against the
-manifest's sizes and sha256 digests (on by default; ``verify=False`` skips the digest, never the
-structural checks), decoded to numpy in memory, and kept in a small LRU. Shards are tens of MB, so
-whole-shard reads suit both local disks and object stores and make sequential iteration a
-stream of large reads.
+manifest's sizes and sha256 digests (on by default; ``verify=False`` skips the sha256, never the
+size, the CRC-32C of format 1.2 files, or the structural checks), decoded to numpy in memory,
+and kept in a small LRU. Shards are tens of MB, so whole-shard reads suit both local disks and
+object stores and make sequential iteration a stream of large reads.
 
 On remote storage every fetch is verified (not only the first: an evicted shard fetched again
 crosses the network again), and a fetch whose bytes fail the size or sha256 check is retried a
@@ -43,7 +43,7 @@ from logitcache.errors import (
 )
 from logitcache.format.codec import TargetCodec, Targets
 from logitcache.format.manifest import MANIFEST_NAME, FileRecord, Manifest, ShardRecord
-from logitcache.store._fs import Location, open_location
+from logitcache.store._fs import Location, crc32c, open_location
 from logitcache.store._localcache import LocalShardCache, SmallFileMemo, parse_size
 from logitcache.store.backends import backend_for
 from logitcache.store.base import EncodedRows, concat_shards, row_position_offsets, slice_rows
@@ -255,6 +255,12 @@ class CacheReader:
                     f"{got[:16]}..., manifest {f.sha256[:16]}...): the bytes are "
                     "damaged; re-copy or re-dump the cache"
                 )
+        elif f.crc32c is not None and crc32c(data) != f.crc32c:
+            raise ChecksumMismatchError(
+                f"shard {rec.path}: file {f.path} fails its CRC-32C (the manifest's {f.crc32c}, "
+                f"the bytes' {crc32c(data)}): they are damaged or belong to another file; re-copy "
+                "or re-dump the cache"
+            )
 
     def load_shard(self, index: int) -> EncodedRows:
         """Shard ``index`` decoded to numpy (codes, not decoded targets); cached."""

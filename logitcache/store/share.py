@@ -257,5 +257,5 @@ def _copy_shard(
         rel = f.path[len(rec.path) + 1 :] if f.path != rec.path else ""
         target = f"{new_path}/{rel}" if rel else new_path
         dst.write_atomic(target, files[rel])
-        records.append(FileRecord(path=target, bytes=f.bytes, sha256=f.sha256))
+        records.append(replace(f, path=target))
     return replace(rec, path=new_path, files=tuple(records))

@@ -45,7 +45,7 @@ from logitcache.format.manifest import (
     first_difference,
     shard_name,
 )
-from logitcache.store._fs import Location, open_location
+from logitcache.store._fs import Location, crc32c, open_location
 from logitcache.store._lock import WriterLock
 from logitcache.store.backends import backend_for
 from logitcache.store.base import (
@@ -153,7 +153,7 @@ class CacheWriter:
         self._shards: list[ShardRecord] = []
         # per-position coverage statistics of the buffered rows, in position order: a shard
         # takes the sums of exactly its own positions (so a resume never counts a row twice)
-        self._pending_stats: list[tuple[int, np.ndarray | None, np.ndarray | None]] = []
+        self._pending_stats: list[tuple[int, list[np.ndarray | None]]] = []
         self._closed = False
         self._lock = WriterLock(self.loc, part or "main")
         self._lock.acquire(break_lock)
@@ -183,22 +183,26 @@ class CacheWriter:
         *,
         captured_mass: np.ndarray | None = None,
         entropy: np.ndarray | None = None,
+        nll: np.ndarray | None = None,
     ) -> None:
         """Append a batch of rows. ``targets`` covers exactly the positions where
-        ``loss_mask`` is true, row-major; ``captured_mass``/``entropy`` are optional
-        per-position coverage statistics averaged into the manifest."""
+        ``loss_mask`` is true, row-major; ``captured_mass``/``entropy``/``nll`` (the teacher's
+        NLL of the true next token; NaN where none) are optional per-position coverage
+        statistics averaged into the manifest."""
         if self._closed:
             raise WriterError("write() after commit() or abort(): open a new CacheWriter")
         data = self._validate(row_id, input_ids, loss_mask, targets)
-        stats = [None if a is None else np.asarray(a).reshape(-1) for a in (captured_mass, entropy)]
-        for name, arr in zip(("captured_mass", "entropy"), stats, strict=True):
+        stats = [
+            None if a is None else np.asarray(a).reshape(-1) for a in (captured_mass, entropy, nll)
+        ]
+        for name, arr in zip(("captured_mass", "entropy", "nll"), stats, strict=True):
             if arr is not None and arr.size != targets.num_positions:
                 raise WriterError(
                     f"{name} must hold one value per target position ({targets.num_positions}), "
                     f"got {arr.size}"
                 )
         if targets.num_positions:
-            self._pending_stats.append((targets.num_positions, stats[0], stats[1]))
+            self._pending_stats.append((targets.num_positions, stats))
         self._buffer.append(data)
         self._buffer_bytes += shard_nbytes(data)
         while self._buffer_bytes >= self.shard_bytes:
@@ -258,19 +262,14 @@ class CacheWriter:
         """The coverage sums of the next ``positions`` buffered positions (removed)."""
         out = CoverageSums()
         while positions > 0:
-            n, mass, ent = self._pending_stats[0]
+            n, stats = self._pending_stats[0]
             take = min(n, positions)
-            out = out + CoverageSums.of(
-                take, None if mass is None else mass[:take], None if ent is None else ent[:take]
-            )
+            out = out + CoverageSums.of(take, *(None if a is None else a[:take] for a in stats))
             if take == n:
                 self._pending_stats.pop(0)
             else:
-                self._pending_stats[0] = (
-                    n - take,
-                    None if mass is None else mass[take:],
-                    None if ent is None else ent[take:],
-                )
+                rest = [None if a is None else a[take:] for a in stats]
+                self._pending_stats[0] = (n - take, rest)
             positions -= take
         return out
 
@@ -278,7 +277,12 @@ class CacheWriter:
         path = shard_name(len(self._shards), self._prefix, self.header.backend)
         files = self._backend.serialize(data, self._specs, self.header.compression_level)
         records = tuple(
-            FileRecord(path=f"{path}/{k}" if k else path, bytes=len(v), sha256=_sha256(v))
+            FileRecord(
+                path=f"{path}/{k}" if k else path,
+                bytes=len(v),
+                sha256=_sha256(v),
+                crc32c=crc32c(v),
+            )
             for k, v in files.items()
         )
         if self._backend.single_file:

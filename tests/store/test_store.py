@@ -272,7 +272,11 @@ def test_flipped_byte_without_verification_is_still_caught_on_zarr(tmp_path: Pat
     data = bytearray(f.read_bytes())
     data[len(data) // 2] ^= 0x40
     f.write_bytes(bytes(data))
-    # sizes still match, digest not checked: the zstd frame checksum catches it
+    # sizes still match, sha256 not checked: the file's CRC-32C catches it
+    with pytest.raises(ChecksumMismatchError, match=r"shards/00000.zarr: file .* CRC-32C"):
+        CacheReader(str(url), verify=False).read_rows(0, 1)
+    _edit_manifest(url, _without_crc32c)
+    # ... and in a cache from before format 1.2, the decoders' own checks
     with pytest.raises(CacheCorruptError, match=r"shards/00000.zarr: cannot decode"):
         CacheReader(str(url), verify=False).read_rows(0, 1)
 
@@ -350,7 +354,7 @@ def test_unsafe_paths_refused(cache: Path, bad: str) -> None:
     def edit(d: dict) -> None:
         d["shards"][0]["files"][0]["path"] = bad
 
-    _edit_manifest(cache, edit)
+    _edit_manifest(cache, edit, rehash=True)
     with pytest.raises(UnsafePathError, match="not a plain relative path"):
         CacheReader(str(cache))
 
@@ -690,3 +694,47 @@ def test_an_old_unreadable_lock_is_stale(tmp_path: Path, content: bytes) -> None
     os.utime(lock, (old, old))
     write_cache(str(url), header("zarr"), make_batches(1, 1, 2, 8, 4, 50))
     assert CacheReader(str(url)).num_rows == 2 and not lock.exists()
+
+
+def test_damage_without_verification_never_decodes_to_wrong_numbers(tmp_path: Path) -> None:
+    """verify=False skips the sha256, not the per-file CRC-32C: byte flips anywhere in an Arrow
+    shard and two same-size Zarr chunk objects swapped between shards are refused."""
+    arrow, zarr_url = tmp_path / "a", tmp_path / "z"
+    write_cache(str(arrow), header("arrow"), make_batches(3, 4, 3, 8, 4, 50))
+    f = shard_file(arrow)
+    clean = f.read_bytes()
+    for at in np.linspace(0, len(clean) - 1, 14).astype(int).tolist():
+        data = bytearray(clean)
+        data[at] ^= 0x01
+        f.write_bytes(bytes(data))
+        with pytest.raises(ChecksumMismatchError, match="fails its CRC-32C"):
+            CacheReader(str(arrow), verify=False).read_rows(0, 1)
+    f.write_bytes(clean)
+    assert CacheReader(str(arrow), verify=False).read_rows(0, 1).num_rows == 1
+
+    # one row per shard: every row_id object holds one int64, so all are the same size
+    write_cache(str(zarr_url), header("zarr"), make_batches(3, 1, 3, 8, 4, 50), shard_bytes=1)
+    m = json.loads((zarr_url / "manifest.json").read_text())
+    a, b = (
+        next(x for x in m["shards"][i]["files"] if x["path"].endswith("row_id/c/0")) for i in (0, 1)
+    )
+    assert a["bytes"] == b["bytes"]  # same-size objects: only their content tells them apart
+    pa_, pb = zarr_url / a["path"], zarr_url / b["path"]
+    da, db = pa_.read_bytes(), pb.read_bytes()
+    pa_.write_bytes(db)
+    pb.write_bytes(da)
+    with pytest.raises(ChecksumMismatchError, match="fails its CRC-32C"):
+        CacheReader(str(zarr_url), verify=False).read_rows(0, 1)
+
+
+def _without_crc32c(d: dict) -> None:
+    """A manifest as a writer before format 1.2 would have written the same shards."""
+    for s in d["shards"]:
+        for f in s["files"]:
+            f.pop("crc32c")
+    d["content_digest"] = content_digest(d)
+
+
+def test_caches_without_crc32c_still_read(cache: Path) -> None:
+    _edit_manifest(cache, _without_crc32c)
+    assert CacheReader(str(cache), verify=False).read_rows(0, 12).num_rows == 12
