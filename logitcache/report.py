@@ -97,7 +97,13 @@ def format_info(info: Mapping[str, Any]) -> str:
         f"{num(info['bytes_per_token'], '.1f')} B/token, "
         f"{num(info['bytes_per_entry'], '.3f')} B/entry",
         f"coverage    captured mass {num(cov['captured_mass'], '.4f')}, "
-        f"teacher entropy {num(cov['entropy'], '.3f')} nats",
+        f"teacher entropy {num(cov['entropy'], '.3f')} nats"
+        + (
+            f", teacher NLL {cov['teacher_nll']:.3f} nats (perplexity "
+            f"{math.exp(min(cov['teacher_nll'], 700.0)):.1f})"
+            if cov.get("teacher_nll") is not None
+            else ""
+        ),
         f"digest      {info.get('content_digest') or '-'} (train --expect-digest)",
     ]
     if not info.get("digest_ok", True):
@@ -196,7 +202,7 @@ def _check_coverage(m: Manifest, url: str) -> None:
     if sums is None:
         return
     want = sums.coverage()
-    for name in ("captured_mass", "entropy"):
+    for name in ("captured_mass", "entropy", "teacher_nll"):
         got, exp = getattr(cov, name), getattr(want, name)
         if (got is None) != (exp is None) or (
             got is not None and exp is not None and not math.isclose(got, exp, rel_tol=1e-9)

@@ -33,6 +33,8 @@ _HELP = {
     "seq_len": "Tokens per row.",
     "pack": "Pack documents with EOS separators, or (--no-pack) one document per row, "
     "right-padded (longer ones continue in the next rows).",
+    "add_special_tokens": "Add the tokenizer's special tokens (its BOS) to text: auto follows the "
+    "tokenizer's own convention; rows that start mid-document then start with the BOS too.",
     "input_format": "Container format, overriding the file extension.",
     "column": "Column holding text, chat messages or input_ids (default: detected).",
     "method": "Keep the k most likely ids, or --samples draws from the teacher's distribution.",

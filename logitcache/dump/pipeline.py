@@ -190,6 +190,7 @@ class BackgroundWriter:
                     sparse.targets,
                     captured_mass=sparse.stats.captured_mass,
                     entropy=sparse.stats.entropy,
+                    nll=sparse.stats.nll,
                 )
             except BaseException as e:  # raised again in the main thread
                 self._error = e

@@ -34,6 +34,7 @@ for one batch, and the chunked head (``chunk_bytes``; see :mod:`logitcache.dump.
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import time
 import warnings
@@ -48,6 +49,7 @@ from logitcache.dump.inputs import (
     dataset_fingerprint,
     iter_batches,
     iter_rows,
+    special_tokens,
     tokenizer_fingerprint,
 )
 from logitcache.dump.pipeline import (
@@ -89,6 +91,7 @@ class DumpConfig:
     input_format: str | None = None
     column: str | None = None
     pack: bool = True
+    add_special_tokens: Literal["auto", "yes", "no"] = "auto"
     method: Literal["topk", "sampled"] = "topk"
     k: int = 64
     samples: int = 64
@@ -147,6 +150,7 @@ class DumpConfig:
             input_format=self.input_format,
             column=self.column,
             pack=self.pack,
+            add_special_tokens=self.add_special_tokens,
         )
 
 
@@ -179,11 +183,17 @@ class DumpResult:
         if m is not None:
             pos = max(m.num_positions, 1)
             mass = m.coverage.captured_mass
+            nll = m.coverage.teacher_nll
             lines.append(
                 f"cache: {m.num_rows:,} rows, {m.num_positions:,} target positions, "
                 f"{m.num_bytes:,} bytes in {len(m.shards)} shards ({m.num_bytes / pos:.1f} "
                 f"bytes/position)"
                 + (f", mean captured mass {mass:.3f}" if mass is not None else "")
+                + (
+                    f", teacher NLL {nll:.3f} nats (perplexity {math.exp(min(nll, 700.0)):.1f})"
+                    if nll is not None
+                    else ""
+                )
             )
         elif self.world_size > 1 and self.rank == 0:
             lines.append("parts written; join them with: logitcache finalize CACHE --world-size N")
@@ -387,6 +397,10 @@ def _header(config: DumpConfig, teacher: Teacher, data_fp: str, info: RankInfo) 
         "teacher_source": ident.source,
         "teacher_file": config.teacher_file,
         "input": config.input_options().to_dict(),
+        # what add_special_tokens resolved to with this tokenizer (auto follows its convention)
+        "special_tokens": dict(
+            zip(("added", "bos_id"), special_tokens(tok, config.add_special_tokens), strict=True)
+        ),
     }
     if config.method == "sampled":
         options["seed"] = config.seed

@@ -414,6 +414,7 @@ def test_refuses_existing_output(
         (("--temperature", "3"), "temperatures"),
         (("--seq-len", "16"), "seq_len"),
         (("--method", "sampled"), "method"),
+        (("--add-special-tokens", "no"), "dataset"),
     ],
 )
 def test_resume_refuses_changed_config(
@@ -570,3 +571,25 @@ def test_method_is_spelled_sampled_and_sample_is_a_deprecated_alias(tmp_path: Pa
         config = DumpConfig(teacher="t", data="d", out="o", seq_len=8, method="sample")  # type: ignore[arg-type]
     assert config.method == "sampled" and config.sparsify_config().method == "sampled"
     assert config.sparsify_config().samples == config.samples
+
+
+def test_teacher_nll_recorded_and_shown(
+    tmp_path: Path, tiny_teacher_dir: Path, text_data: Path, reference_cache: Path, model: Any
+) -> None:
+    """coverage.teacher_nll is the teacher's mean NLL of the true next token at the stored
+    positions (float64 reference), and info shows it with the perplexity (#14.3)."""
+    m = manifest(reference_cache)
+    nlls = []
+    for row in load_cache(reference_cache).values():
+        ref = dense_logprobs(model, row.input_ids)
+        t = np.nonzero(row.loss_mask)[0]
+        nlls.append(
+            -ref[torch.as_tensor(t), torch.as_tensor(row.input_ids[t + 1], dtype=torch.long)]
+        )
+    want = float(torch.cat(nlls).mean())
+    assert m["coverage"]["teacher_nll"] == pytest.approx(want, abs=1e-4)
+    assert m["extra"]["dump"]["input"]["add_special_tokens"] == "auto"
+    assert m["extra"]["dump"]["special_tokens"] == {"added": False, "bos_id": None}
+    out = run_cli("info", str(reference_cache)).output
+    assert f"teacher NLL {want:.3f} nats" in out and "perplexity" in out
+    run_cli("verify", str(reference_cache))

@@ -232,3 +232,55 @@ def test_tokenizer_fingerprint_stable_across_processes(
     changed = copy.deepcopy(tiny_tokenizer)
     changed.chat_template = "{{ messages }}"
     assert tokenizer_fingerprint(changed) != fp
+
+
+def _bos_tokenizer(tiny_tokenizer: Any) -> tuple[Any, int]:
+    """The tiny tokenizer, made to put a BOS (here ``<|system|>``) at the start of every
+    encoding, as Llama/Gemma tokenizers do."""
+    from tokenizers import processors
+
+    tok = copy.deepcopy(tiny_tokenizer)
+    bos = tok.convert_tokens_to_ids("<|system|>")
+    tok._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|system|> $A", special_tokens=[("<|system|>", bos)]
+    )
+    tok.bos_token = "<|system|>"
+    assert tok("a")["input_ids"][0] == bos
+    return tok, bos
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_special_tokens_follow_the_tokenizer(
+    tmp_path: Path, tiny_tokenizer: Any, pack: bool
+) -> None:
+    """auto: a tokenizer that adds a BOS gets one at every document start and at the start of
+    every row that begins inside a document; the BOS is never a target (#14.3)."""
+    tok, bos = _bos_tokenizer(tiny_tokenizer)
+    src = tmp_path / "d.jsonl"
+    src.write_text("".join(json.dumps({"text": d * 3}) + "\n" for d in DOCS))
+    rows = list(iter_rows(str(src), tok, InputOptions(seq_len=12, pack=pack)))
+    assert all(r.input_ids[0] == bos for r in rows)
+    for r in rows:
+        at_bos = np.nonzero(r.input_ids[1:] == bos)[0]  # positions predicting a BOS
+        assert not r.loss_mask[at_bos].any()
+    docs = [d for d in DOCS if d]
+    assert sum(int((r.input_ids == bos).sum()) for r in rows) >= len(docs)
+    plain = list(
+        iter_rows(str(src), tok, InputOptions(seq_len=12, pack=pack, add_special_tokens="no"))
+    )
+    assert not any((r.input_ids == bos).any() for r in plain)
+    # the tiny tokenizer adds nothing: auto == no there, and the rows are the plain cuts
+    auto = list(iter_rows(str(src), tiny_tokenizer, InputOptions(seq_len=12, pack=pack)))
+    assert [r.input_ids.tolist() for r in auto] == [r.input_ids.tolist() for r in plain]
+
+
+def test_special_tokens_setting_is_part_of_the_fingerprint(tmp_path: Path) -> None:
+    src = tmp_path / "d.jsonl"
+    src.write_text(json.dumps({"text": "hello"}) + "\n")
+    fps = {
+        dataset_fingerprint(str(src), InputOptions(seq_len=8, add_special_tokens=v))
+        for v in ("auto", "yes", "no")
+    }
+    assert len(fps) == 3
+    with pytest.raises(ConfigError, match="add_special_tokens"):
+        InputOptions(seq_len=8, add_special_tokens="maybe")  # type: ignore[arg-type]
