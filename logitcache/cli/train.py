@@ -77,6 +77,7 @@ _FLAGS = (
     "warmup_steps", "min_lr_ratio", "clip", "seed", "eval_every", "eval_fraction", "eval_cache",
     "eval_batches", "save_every", "keep", "num_workers", "readahead", "local_cache",
     "local_cache_size", "expect_digest", "order", "resume", "device", "bf16", "compile",
+    "fsdp", "fsdp_cpu_offload", "activation_checkpointing",
     "allow_vocab_mismatch", "log_every", "progress",
 )  # fmt: skip
 
@@ -102,7 +103,7 @@ def _options() -> list[Any]:
 def train(
     ctx: click.Context, config_file: str | None, storage_options: tuple[str, ...], **flags: Any
 ) -> None:
-    """Train a student from a cache alone (single device, or DDP under torchrun)."""
+    """Train a student from a cache alone (single device, or DDP/FSDP under torchrun)."""
     from logitcache.train import TrainConfig, run_train
 
     settings: dict[str, Any] = _read_config(config_file) if config_file else {}

@@ -10,7 +10,9 @@ Layout of ``OUT/checkpoints/step-00000010/``:
 
 A checkpoint is built under ``.tmp-step-...`` and renamed into place, so a crash mid-save leaves
 the previous checkpoints intact and never a half-written one under a ``step-*`` name. Only the
-``keep`` newest are kept.
+``keep`` newest are kept. ``--fsdp`` runs write sharded checkpoints by the same rules
+(``begin_checkpoint`` / ``commit_checkpoint``; layout in ``train/sharded_checkpoint.py``); each
+kind is refused by the other's loader with the command that resumes it.
 """
 
 from __future__ import annotations
@@ -28,16 +30,52 @@ from torch import nn
 
 from logitcache.errors import ConfigError
 
-__all__ = ["latest_checkpoint", "load_checkpoint", "pickle_refused", "save_checkpoint"]
+__all__ = [
+    "SHARDED_DIR",
+    "begin_checkpoint",
+    "commit_checkpoint",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "load_tensors",
+    "pickle_refused",
+    "read_state",
+    "restore_rng",
+    "rng_state",
+    "save_checkpoint",
+]
 
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
+#: the DCP directory of a sharded (``--fsdp``) checkpoint (``train/sharded_checkpoint.py``)
+SHARDED_DIR = "dcp"
 
 
-def _rng_state() -> dict[str, Any]:
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states (torch CPU, and every CUDA device), for ``rng.pt``."""
     state: dict[str, Any] = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+def begin_checkpoint(root: Path, step: int) -> Path:
+    """A fresh temporary directory for checkpoint ``step`` (a leftover of a crash is removed)."""
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".tmp-step-{step:08d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp
+
+
+def commit_checkpoint(root: Path, tmp: Path, step: int, keep: int) -> Path:
+    """Rename the finished ``tmp`` to ``step-NNNNNNNN`` and delete all but the ``keep`` newest."""
+    final = root / f"step-{step:08d}"
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    steps = sorted(p for p in root.iterdir() if _STEP_DIR.match(p.name))
+    for old in steps[: max(0, len(steps) - keep)]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
 
 
 def save_checkpoint(
@@ -50,23 +88,13 @@ def save_checkpoint(
     keep: int,
 ) -> Path:
     """Write checkpoint ``step`` atomically and delete all but the ``keep`` newest."""
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:08d}"
-    tmp = root / f".tmp-step-{step:08d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = begin_checkpoint(root, step)
     model.save_pretrained(tmp / "model", safe_serialization=True)  # type: ignore[operator]
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save(_rng_state(), tmp / "rng.pt")
+    torch.save(rng_state(), tmp / "rng.pt")
     (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=1))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    steps = sorted(p for p in root.iterdir() if _STEP_DIR.match(p.name))
-    for old in steps[: max(0, len(steps) - keep)]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+    return commit_checkpoint(root, tmp, step, keep)
 
 
 def pickle_refused(where: str, error: pickle.UnpicklingError) -> ConfigError:
@@ -81,7 +109,8 @@ def pickle_refused(where: str, error: pickle.UnpicklingError) -> ConfigError:
     )
 
 
-def _load(path: Path) -> Any:
+def load_tensors(path: Path) -> Any:
+    """``torch.load(weights_only=True)``; a file holding pickled objects is a one-line refusal."""
     try:
         return torch.load(path, weights_only=True)
     except pickle.UnpicklingError as e:
@@ -104,18 +133,12 @@ def load_checkpoint(
     fingerprint: dict[str, Any],
 ) -> dict[str, Any]:
     """Restore everything saved at ``path``; refuse a checkpoint of a different run."""
-    try:
-        state = json.loads((path / "state.json").read_text())
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"checkpoint {path} has no readable state.json ({e})") from e
-    theirs = state.get("fingerprint", {})
-    for key in sorted(set(fingerprint) | set(theirs)):
-        if fingerprint.get(key) != theirs.get(key):
-            raise ConfigError(
-                f"cannot resume from {path}: it belongs to a different run ({key} was "
-                f"{theirs.get(key)!r}, this run has {fingerprint.get(key)!r}); use the original "
-                "settings, or a new --out directory to start fresh"
-            )
+    state = read_state(path, fingerprint)
+    if (path / SHARDED_DIR).is_dir():
+        raise ConfigError(
+            f"cannot resume from {path}: it is a sharded (DCP) checkpoint written by an --fsdp "
+            "run; resume it with --fsdp under torchrun (any number of ranks)"
+        )
     from safetensors.torch import load_file
 
     weights: dict[str, torch.Tensor] = {}
@@ -128,10 +151,30 @@ def load_checkpoint(
             f"checkpoint {path} does not match the student: missing {sorted(missing)[:3]}, "
             f"unexpected {sorted(unexpected)[:3]}"
         )
-    optimizer.load_state_dict(_load(path / "optimizer.pt"))
-    scheduler.load_state_dict(_load(path / "scheduler.pt"))
-    rng = _load(path / "rng.pt")
+    optimizer.load_state_dict(load_tensors(path / "optimizer.pt"))
+    scheduler.load_state_dict(load_tensors(path / "scheduler.pt"))
+    restore_rng(load_tensors(path / "rng.pt"))
+    return state
+
+
+def read_state(path: Path, fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """``state.json`` of the checkpoint at ``path``, refused if it belongs to a different run."""
+    try:
+        state = json.loads((path / "state.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"checkpoint {path} has no readable state.json ({e})") from e
+    theirs = state.get("fingerprint", {})
+    for key in sorted(set(fingerprint) | set(theirs)):
+        if fingerprint.get(key) != theirs.get(key):
+            raise ConfigError(
+                f"cannot resume from {path}: it belongs to a different run ({key} was "
+                f"{theirs.get(key)!r}, this run has {fingerprint.get(key)!r}); use the original "
+                "settings, or a new --out directory to start fresh"
+            )
+    return dict(state)
+
+
+def restore_rng(rng: dict[str, Any]) -> None:
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
-    return dict(state)

@@ -96,6 +96,21 @@ class TrainConfig:
     device: str = field(default="auto", metadata=_help("auto, cpu, cuda, cuda:1, ..."))
     bf16: bool | None = field(default=None, metadata=_help("bf16 autocast (default: on for CUDA)."))
     compile: bool = field(default=False, metadata=_help("torch.compile the student."))
+    fsdp: bool = field(
+        default=False,
+        metadata=_help(
+            "Shard the student, its gradients and optimizer state over the ranks (FSDP2; "
+            "under torchrun, even for one process); checkpoints become sharded (DCP)."
+        ),
+    )
+    fsdp_cpu_offload: bool = field(
+        default=False,
+        metadata=_help("With --fsdp: keep the shards and the optimizer state in CPU memory."),
+    )
+    activation_checkpointing: bool = field(
+        default=False,
+        metadata=_help("Recompute each decoder layer's activations in backward (less memory)."),
+    )
     allow_vocab_mismatch: bool = field(
         default=False,
         metadata=_help(
@@ -146,6 +161,13 @@ class TrainConfig:
             p.append(f"top_k must be >= 1, got {self.top_k}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             p.append(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.fsdp_cpu_offload and not self.fsdp:
+            p.append("fsdp_cpu_offload needs fsdp: add --fsdp, or drop --fsdp-cpu-offload")
+        if self.fsdp and self.compile:
+            p.append(
+                "compile with fsdp is not supported yet (untested here: FSDP2 + torch.compile "
+                "needs per-layer compilation); drop --compile"
+            )
         try:
             KDConfig(self.loss, self.temperature, self.alpha, self.beta)
         except ConfigError as e:

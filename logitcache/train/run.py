@@ -46,6 +46,14 @@ from logitcache.store.reader import LOCAL_CACHE_ENV, LOCAL_CACHE_SIZE_ENV
 from logitcache.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from logitcache.train.config import TrainConfig
 from logitcache.train.evaluate import StudentOutput, evaluate
+from logitcache.train.fsdp import (
+    enable_activation_checkpointing,
+    export_full_model,
+    gathered,
+    init_fsdp_group,
+    local_state_bytes,
+    shard_student,
+)
 from logitcache.train.output import MetricsLog, check_out_dir, check_previous_run
 from logitcache.train.student import (
     Student,
@@ -57,7 +65,7 @@ from logitcache.train.student import (
     target_logits,
 )
 
-__all__ = ["TrainConfig", "run_train"]
+__all__ = ["StepLoss", "TrainConfig", "run_train"]
 
 
 # -- set-up ---------------------------------------------------------------------------------
@@ -74,16 +82,41 @@ def _schedule(cfg: TrainConfig) -> Any:
     return factor
 
 
-class _HiddenStates(nn.Module):
-    """The decoder only, for the fused loss; wraps the whole LM so DDP also syncs the head."""
+class StepLoss(nn.Module):
+    """The student and its loss as one module: ``forward(batch)`` is the loss *sum* over the
+    batch's target positions (float32).
 
-    def __init__(self, lm: nn.Module) -> None:
+    One module, so that DDP and FSDP wrap the whole computation: DDP syncs every gradient (the
+    head's too under the fused loss), and FSDP's root (this module) gathers the embeddings, norm
+    and ``lm_head`` in its pre-forward hook, so the fused loss sees the whole head weight while it
+    runs and FSDP frees it afterwards (``train/fsdp.py``).
+    """
+
+    def __init__(self, lm: nn.Module, cfg: TrainConfig, autocast_bf16: bool) -> None:
         super().__init__()
         self.lm = lm
+        self.cfg = cfg
+        self.autocast_bf16 = autocast_bf16
 
-    def forward(self, input_ids: Tensor) -> Tensor:
-        base, _ = decoder_and_head(self.lm)
-        return base(input_ids=input_ids).last_hidden_state
+    def forward(self, batch: dict[str, Any]) -> Tensor:
+        cfg = self.cfg
+        teacher = teacher_targets(batch)
+        labels = batch["target_labels"] if cfg.alpha > 0 else None
+        kw: dict[str, Any] = dict(
+            loss=cfg.loss, temperature=cfg.temperature, alpha=cfg.alpha, beta=cfg.beta
+        )
+        device_type = batch["input_ids"].device.type
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.autocast_bf16):
+            if cfg.fused:
+                base, head = decoder_and_head(self.lm)
+                hidden = base(input_ids=batch["input_ids"]).last_hidden_state
+                hidden = hidden.flatten(0, 1).index_select(0, batch["target_index"])
+                total, _ = fused_linear_kd_loss(
+                    hidden, head.weight, teacher, labels, bias=head.bias, **kw
+                )
+            else:
+                total, _ = kd_loss(target_logits(self.lm, batch), teacher, labels, **kw)
+        return total.float()
 
 
 def _batches(loader: Any) -> Iterator[dict[str, Any]]:
@@ -106,7 +139,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     if problems:
         raise ConfigError("invalid training config:\n  - " + "\n  - ".join(problems))
     device = resolve_device(cfg.device)
-    rank, world = astuple(init_process_group(device))
+    rank, world = astuple(init_fsdp_group(device) if cfg.fsdp else init_process_group(device))
     out = Path(cfg.out)
     if rank == 0:
         check_out_dir(out)
@@ -137,16 +170,23 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
             cache_name=f"eval cache {cfg.eval_cache}",
         )
     torch.manual_seed(cfg.seed)
-    model = student.model.to(device)
+    model = student.model
     model.train()
+    if cfg.activation_checkpointing:
+        enable_activation_checkpointing(model)
     use_bf16 = device.type == "cuda" if cfg.bf16 is None else cfg.bf16
-    net: nn.Module = _HiddenStates(model) if cfg.fused else model
-    if world > 1:
-        net = nn.parallel.DistributedDataParallel(
-            net, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    if cfg.compile:
-        net = torch.compile(net)  # type: ignore[assignment]
+    autocast_bf16 = use_bf16 and not cfg.fsdp  # FSDP casts parameters itself (mixed precision)
+    net: nn.Module = StepLoss(model, cfg, autocast_bf16)
+    if cfg.fsdp:  # fully_shard moves only this rank's shards to the device
+        shard_student(net, model, device, bf16=use_bf16, cpu_offload=cfg.fsdp_cpu_offload)
+    else:
+        model.to(device)
+        if cfg.compile:
+            model.compile()
+        if world > 1:
+            net = nn.parallel.DistributedDataParallel(
+                net, device_ids=[device.index] if device.type == "cuda" else None
+            )
 
     loader_kw: dict[str, Any] = dict(
         seed=cfg.seed,
@@ -171,13 +211,18 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
         ckpt = latest_checkpoint(ckpt_root)
         if ckpt is None:
             raise ConfigError(f"--resume: no checkpoint under {ckpt_root}; drop --resume to start")
-        state = load_checkpoint(ckpt, model, optimizer, scheduler, fingerprint)
+        if cfg.fsdp:
+            from logitcache.train.sharded_checkpoint import load_sharded_checkpoint
+
+            state = load_sharded_checkpoint(ckpt, model, optimizer, scheduler, fingerprint)
+        else:
+            state = load_checkpoint(ckpt, model, optimizer, scheduler, fingerprint)
         step = int(state["step"])
         tokens = int(state.get("tokens", 0))
         loader.load_state_dict(state["loader"])
 
     def eval_output(batch: dict[str, Any]) -> StudentOutput:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast_bf16):
             return student_output(model, batch)
 
     def run_eval() -> dict[str, float] | None:
@@ -188,7 +233,8 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
         ev = make_loader(url, cfg.batch_size, order="sequential", split=eval_split, **loader_kw)
         model.eval()
         try:
-            return evaluate(ev, eval_output, teacher_targets, device, cfg.eval_batches)
+            with gathered(net):  # FSDP: the root's embeddings and head, whole, until the end
+                return evaluate(ev, eval_output, teacher_targets, device, cfg.eval_batches)
         finally:
             model.train()
             ev.close()
@@ -199,6 +245,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     batches = _batches(loader)
     t0, start_tokens = time.perf_counter(), tokens
     losses: list[float] = []
+    state_bytes: int | None = None
     start_step = step
     last = cfg.max_steps if cfg.stop_after is None else min(cfg.max_steps, cfg.stop_after)
     while step < last:
@@ -212,7 +259,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
             sync = i == len(micro) - 1 or world == 1
             skip_sync = isinstance(net, nn.parallel.DistributedDataParallel) and not sync
             with net.no_sync() if skip_sync else contextlib.nullcontext():  # type: ignore[operator]
-                total = _micro_loss(cfg, net, model, batch, device, use_bf16)
+                total = net(batch)
                 (total * scale).backward()
             step_loss += total.detach()
             tokens += batch["input_ids"].numel() * world
@@ -220,6 +267,8 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
         optimizer.step()
         scheduler.step()
+        if state_bytes is None:  # once: parameters, gradients, optimizer state (local shards)
+            state_bytes = local_state_bytes(model.parameters(), optimizer)
         optimizer.zero_grad(set_to_none=True)
         if world > 1:
             dist.all_reduce(step_loss)
@@ -244,17 +293,16 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
             if metrics is not None:
                 log.record({"step": step, "eval": metrics})
         if (cfg.save_every and step % cfg.save_every == 0) or step == last:
-            if rank == 0:
-                save_checkpoint(
-                    ckpt_root,
-                    step,
-                    model,
-                    optimizer,
-                    scheduler,
-                    {"fingerprint": fingerprint, "loader": loader.state_dict(), "tokens": tokens},
-                    cfg.keep,
+            saved = {"fingerprint": fingerprint, "loader": loader.state_dict(), "tokens": tokens}
+            if cfg.fsdp:
+                from logitcache.train.sharded_checkpoint import save_sharded_checkpoint
+
+                save_sharded_checkpoint(
+                    ckpt_root, step, model, optimizer, scheduler, saved, cfg.keep
                 )
-            if world > 1:
+            elif rank == 0:
+                save_checkpoint(ckpt_root, step, model, optimizer, scheduler, saved, cfg.keep)
+            if world > 1 and not cfg.fsdp:
                 dist.barrier()
     elapsed = time.perf_counter() - t0  # training only: the final evaluation is not a step
     loader.close()
@@ -268,43 +316,22 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
         "tokens_per_s": (tokens - start_tokens) / elapsed if elapsed else None,
         "eval": final_metrics,
         "world_size": world,
+        "fsdp": cfg.fsdp,
+        "state_bytes_per_rank": state_bytes,
     }
-    if rank == 0:
-        final = out / "final"
+    final = out / "final"
+    if cfg.fsdp:  # collective: the full state dict is gathered on rank 0's CPU
+        export_full_model(model, final, rank, student.tokenizer)
+    elif rank == 0:
         model.save_pretrained(final, safe_serialization=True)  # type: ignore[operator]
         if student.tokenizer is not None:
             student.tokenizer.save_pretrained(final)
+    if rank == 0:
         if final_metrics is not None:
             log.record({"step": step, "eval": final_metrics, "final": True})
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
         log.table(summary)
     return summary
-
-
-def _micro_loss(
-    cfg: TrainConfig,
-    net: nn.Module,
-    model: nn.Module,
-    batch: dict[str, Any],
-    device: torch.device,
-    use_bf16: bool,
-) -> Tensor:
-    """The loss *sum* of one micro-batch over its target positions."""
-    teacher = teacher_targets(batch)
-    labels = batch["target_labels"] if cfg.alpha > 0 else None
-    kw: dict[str, Any] = dict(
-        loss=cfg.loss, temperature=cfg.temperature, alpha=cfg.alpha, beta=cfg.beta
-    )
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-        if cfg.fused:
-            hidden = net(batch["input_ids"]).flatten(0, 1).index_select(0, batch["target_index"])
-            _, head = decoder_and_head(model)
-            total, _ = fused_linear_kd_loss(
-                hidden, head.weight, teacher, labels, bias=head.bias, **kw
-            )
-        else:
-            total, _ = kd_loss(target_logits(net, batch), teacher, labels, **kw)
-    return total.float()
 
 
 def _manifest_digest(reader: CacheReader) -> str:
