@@ -67,7 +67,9 @@ class InputSource:
                 yield from _flat(self.fs, path, self.container, self.token_dtype)
             else:
                 column = self.column or ""
-                yield from _table(self.fs, path, self.container, column, self.description)
+                for value, where in _table(self.fs, path, self.container, column):
+                    _check_kind(value, self.kind, column, where)
+                    yield value
 
 
 def tokenizer_vocab_size(tokenizer: Any | None) -> int | None:
@@ -123,14 +125,55 @@ def open_source(
     elif column not in names:
         raise InputError(f"unknown column {column!r} in {paths[0]}; columns found: {names}")
     kind = DocKind.TEXT
-    for value in _table(fs, paths[0], container, column, source):
-        kind = _kind_of(value, column, paths[0])
+    for value, where in _table(fs, paths[0], container, column):
+        kind = _kind_of(value, column, where)
         break
     return InputSource(fs, paths, container, column, kind, source, None)
 
 
 def _ext(path: str) -> str:
     return posixpath.splitext(path)[1].lower()
+
+
+def _check_kind(value: Any, kind: DocKind, column: str, where: str) -> None:
+    """Every value of the column is of the kind its first value showed (one line, not a
+    traceback from the tokenizer when a later record holds a number)."""
+    ok = (
+        isinstance(value, str)
+        if kind is DocKind.TEXT
+        else isinstance(value, (list, tuple, np.ndarray))
+    )
+    if not ok:
+        raise InputError(
+            f"{where}: column {column!r} holds a {type(value).__name__} value "
+            f"({str(value)[:40]!r}) where the first record had {kind.value}; fix the record "
+            "(text values must be strings: quote numbers)"
+        )
+
+
+def _lines(fs: Any, path: str) -> Iterator[tuple[int, str]]:
+    """(line number, text) of a UTF-8 file; invalid UTF-8 is an error naming the line and byte."""
+    offset = 0
+    with fs.open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise InputError(
+                    f"{path}:{lineno}: not valid UTF-8 (byte offset {offset + e.start}: "
+                    f"{e.reason}); re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+                ) from None
+            offset += len(raw)
+            yield lineno, line.replace("\r\n", "\n")
+
+
+def _json_line(line: str, path: str, lineno: int) -> Any:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise InputError(
+            f"{path}:{lineno}: not valid JSON ({e}); a .jsonl file holds one JSON object per line"
+        ) from None
 
 
 def _kind_of(value: Any, column: str, where: str) -> DocKind:
@@ -150,11 +193,10 @@ def _kind_of(value: Any, column: str, where: str) -> DocKind:
 
 def _columns(fs: Any, path: str, container: str) -> list[str]:
     if container == "jsonl":
-        with fs.open(path, "rt", encoding="utf-8") as f:
-            for line in f:
-                if line.strip():
-                    record = json.loads(line)
-                    return list(record) if isinstance(record, dict) else []
+        for lineno, line in _lines(fs, path):
+            if line.strip():
+                record = _json_line(line, path, lineno)
+                return list(record) if isinstance(record, dict) else []
         return []
     with fs.open(path, "rb") as f:
         return list(_arrow_schema(f, container).names)
@@ -178,23 +220,21 @@ def _ipc_reader(f: Any) -> Any:
         return pa.ipc.open_stream(f)
 
 
-def _table(fs: Any, path: str, container: str, column: str, source: str) -> Iterator[Any]:
+def _table(fs: Any, path: str, container: str, column: str) -> Iterator[tuple[Any, str]]:
+    """(value, where) of each non-null value of ``column``; where is ``path:line`` or
+    ``path, row i``."""
     if container == "jsonl":
-        with fs.open(path, "rt", encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise InputError(f"{path}:{lineno}: not valid JSON ({e})") from e
-                if column not in record:
-                    raise InputError(
-                        f"unknown column {column!r} at {path}:{lineno}; columns found: "
-                        f"{list(record)}"
-                    )
-                if record[column] is not None:
-                    yield record[column]
+        for lineno, line in _lines(fs, path):
+            if not line.strip():
+                continue
+            record = _json_line(line, path, lineno)
+            if not isinstance(record, dict) or column not in record:
+                found = list(record) if isinstance(record, dict) else type(record).__name__
+                raise InputError(
+                    f"unknown column {column!r} at {path}:{lineno}; columns found: {found}"
+                )
+            if record[column] is not None:
+                yield record[column], f"{path}:{lineno}"
         return
     import pyarrow.parquet as pq
 
@@ -212,23 +252,24 @@ def _table(fs: Any, path: str, container: str, column: str, source: str) -> Iter
                 if hasattr(reader, "num_record_batches")
                 else iter(reader)
             )
+        row = 0
         for batch in batches:
             for value in batch.column(batch.schema.get_field_index(column)).to_pylist():
                 if value is not None:
-                    yield value
+                    yield value, f"{path}, row {row}"
+                row += 1
 
 
 def _txt(fs: Any, path: str) -> Iterator[str]:
-    with fs.open(path, "rt", encoding="utf-8") as f:
-        lines: list[str] = []
-        for line in f:
-            if line.strip():
-                lines.append(line)
-            elif lines:
-                yield "".join(lines).rstrip("\n")
-                lines = []
-        if lines:
+    lines: list[str] = []
+    for _, line in _lines(fs, path):
+        if line.strip():
+            lines.append(line)
+        elif lines:
             yield "".join(lines).rstrip("\n")
+            lines = []
+    if lines:
+        yield "".join(lines).rstrip("\n")
 
 
 def _flat(fs: Any, path: str, container: str, token_dtype: str | None) -> Iterator[np.ndarray]:

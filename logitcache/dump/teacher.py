@@ -139,7 +139,7 @@ def load_teacher(
     if _FACTORY.match(spec):
         model, tok = _call_factory(spec)
         if tokenizer is not None:
-            tok = _load_tokenizer(tokenizer, None)
+            tok = _load_tokenizer(tokenizer, None, explicit=True)
         if dtype != "auto":
             model = model.to(dtype=dt)
         digest = hash_state_dict(model) if hash_weights else None
@@ -173,7 +173,9 @@ def _load_hf(
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError, ImportError) as e:
         raise TeacherError(f"cannot load the teacher from {path}: {e}") from e
-    tok = _load_tokenizer(tokenizer or path, None if tokenizer else teacher_file)
+    tok = _load_tokenizer(
+        tokenizer or path, None if tokenizer else teacher_file, tokenizer is not None
+    )
     real = os.path.realpath(path)
     snap = re.search(r"models--([^/]+)--([^/]+)/snapshots/([0-9a-f]{40})", real)
     name = f"{snap.group(1)}/{snap.group(2)}" if snap else os.path.basename(real)
@@ -183,14 +185,23 @@ def _load_hf(
     return teacher_from_model(model, tok, ident, device=dev, real_vocab_size=real_vocab_size)
 
 
-def _load_tokenizer(path: str, gguf_file: str | None) -> Any | None:
+def _load_tokenizer(path: str, gguf_file: str | None, explicit: bool = False) -> Any | None:
+    """The tokenizer at ``path``. One the user named (``--tokenizer``) must load: failing is an
+    error; the teacher directory's own may be missing (token-id inputs need none)."""
     from transformers import AutoTokenizer
 
     try:
         if gguf_file:
             return AutoTokenizer.from_pretrained(path, gguf_file=gguf_file)
         return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, TypeError) as e:
+        if explicit:
+            raise TeacherError(
+                f"cannot load the tokenizer {path!r} given with --tokenizer "
+                f"({' '.join(str(e).split())}); give a "
+                "directory holding a Hugging Face tokenizer (tokenizer.json or its files), or "
+                "leave --tokenizer out to use the teacher's own"
+            ) from None
         warnings.warn(
             f"no tokenizer loaded from {path} ({e}); only token-id inputs will work", stacklevel=3
         )

@@ -593,3 +593,55 @@ def test_teacher_nll_recorded_and_shown(
     out = run_cli("info", str(reference_cache)).output
     assert f"teacher NLL {want:.3f} nats" in out and "perplexity" in out
     run_cli("verify", str(reference_cache))
+
+
+def _bad_inputs(tmp: Path) -> dict[str, tuple[Path, str]]:
+    """name -> (data file, what the one-line error must name)."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    out = {}
+    p = tmp / "latin1.txt"
+    p.write_bytes("first paragraph\n\ncaf\xe9 au lait\n".encode("latin-1"))
+    out["utf8_txt"] = (p, f"{p}:3: not valid UTF-8 (byte offset 20")
+    p = tmp / "latin1.jsonl"
+    p.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    out["utf8_jsonl"] = (p, f"{p}:2: not valid UTF-8")
+    p = tmp / "notjson.jsonl"
+    p.write_text("this is not json\n")
+    out["not_json"] = (p, f"{p}:1: not valid JSON")
+    p = tmp / "number.jsonl"
+    p.write_text('{"text": "hello world"}\n{"text": 42}\n')
+    out["number"] = (p, f"{p}:2: column 'text' holds a int value")
+    return out
+
+
+def _one_error_line(output: str) -> bool:
+    """One 'error:' line and no traceback (model-loading progress bars aside)."""
+    lines = [x for x in output.splitlines() if "Loading weights" not in x and x.strip()]
+    return "Traceback" not in output and len(lines) == 1 and lines[0].startswith("error:")
+
+
+@pytest.mark.parametrize("case", ["utf8_txt", "utf8_jsonl", "not_json", "number"])
+def test_bad_inputs_are_one_line_errors_naming_the_file(
+    tmp_path: Path, tiny_teacher_dir: Path, case: str
+) -> None:
+    data, want = _bad_inputs(tmp_path / "in")[case]
+    result = run_cli(*dump_args(tiny_teacher_dir, data, tmp_path / "out", "--no-count"), ok=False)
+    assert result.exit_code == 1, result.output
+    assert want in result.output, result.output
+    assert _one_error_line(result.output)
+
+
+def test_out_is_a_file_and_bad_tokenizer_are_one_line_errors(
+    tmp_path: Path, tiny_teacher_dir: Path, text_data: Path
+) -> None:
+    file_out = tmp_path / "taken.txt"
+    file_out.write_text("mine")
+    result = run_cli(*dump_args(tiny_teacher_dir, text_data, file_out), ok=False)
+    assert result.exit_code == 1 and "is a file" in result.output, result.output
+    assert _one_error_line(result.output) and file_out.read_text() == "mine"
+    bad_tok = tmp_path / "no_tokenizer"
+    bad_tok.mkdir()
+    args = dump_args(tiny_teacher_dir, text_data, tmp_path / "o", "--tokenizer", str(bad_tok))
+    result = run_cli(*args, ok=False)
+    assert result.exit_code == 1 and "--tokenizer" in result.output, result.output
+    assert str(bad_tok) in result.output and _one_error_line(result.output)
