@@ -23,6 +23,7 @@ __all__ = [
     "InputNotFoundError",
     "LoaderError",
     "LogitCacheError",
+    "ManifestCorruptError",
     "ManifestError",
     "NonFiniteLogitsError",
     "ShardMissingError",
@@ -67,6 +68,11 @@ class UnsafePathError(ManifestError):
 
 class CacheCorruptError(LogitCacheError):
     """A shard's bytes are damaged or do not match what the manifest promises."""
+
+
+class ManifestCorruptError(ManifestError, CacheCorruptError):
+    """``manifest.json`` is not a manifest at all: not JSON, larger than the cap, nested deeper
+    than any manifest is."""
 
 
 class ChecksumMismatchError(CacheCorruptError):

@@ -39,7 +39,12 @@ from typing import Any, Literal
 
 import numpy as np
 
-from logitcache.errors import FormatVersionError, ManifestError, UnsafePathError
+from logitcache.errors import (
+    FormatVersionError,
+    ManifestCorruptError,
+    ManifestError,
+    UnsafePathError,
+)
 from logitcache.format.codec import TargetCodec, codec_from_dict
 
 __all__ = [
@@ -77,6 +82,11 @@ DIGEST_FIELDS = (
     "shards",
 )
 MANIFEST_NAME = "manifest.json"
+# A manifest lists every shard file (~200 B each): 64 MiB is ~300k files, far past any real
+# cache (a 1 TB cache of 128 MiB shards has ~8k shards); JSON objects nest 4 levels in ours and
+# at most a few more in ``extra``. Bigger or deeper means damage or malice, never a cache.
+MAX_MANIFEST_BYTES = 64 << 20
+MAX_MANIFEST_DEPTH = 32
 
 Method = Literal["topk", "sampled"]
 Backend = Literal["zarr", "arrow"]
@@ -669,13 +679,47 @@ class Manifest:
     def from_json(
         cls, text: str | bytes, where: str = MANIFEST_NAME, *, check_digest: bool = False
     ) -> Manifest:
+        if len(text) > MAX_MANIFEST_BYTES:
+            raise ManifestCorruptError(
+                f"{where} is {len(text):,} bytes, over the {MAX_MANIFEST_BYTES >> 20} MiB any "
+                "manifest needs; it is damaged or not a logitcache manifest: re-copy or re-dump"
+            )
         try:
             d = json.loads(text)
+        except RecursionError as e:
+            raise ManifestCorruptError(_too_deep(where)) from e
         except (ValueError, UnicodeDecodeError) as e:
-            raise ManifestError(
+            raise ManifestCorruptError(
                 f"{where} is not valid JSON ({e}); the cache is damaged: re-copy or re-dump it"
             ) from e
+        if _depth(d) > MAX_MANIFEST_DEPTH:
+            raise ManifestCorruptError(_too_deep(where))
         return cls.from_dict(d, check_digest=check_digest, where=where)
+
+
+def _too_deep(where: str) -> str:
+    return (
+        f"{where} nests JSON deeper than {MAX_MANIFEST_DEPTH} levels, which no manifest does; "
+        "it is damaged or not a logitcache manifest: re-copy or re-dump the cache"
+    )
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of parsed JSON (iterative: no recursion on hostile input)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, dict):
+            children: Any = v.values()
+        elif isinstance(v, list):
+            children = v
+        else:
+            continue
+        deepest = max(deepest, d)
+        if deepest > MAX_MANIFEST_DEPTH:
+            return deepest
+        stack.extend((c, d + 1) for c in children)
+    return deepest
 
 
 def _refuse_stored_digest(stored: Any, actual: str, where: str) -> None:

@@ -140,6 +140,16 @@ class Location:
     def root_exists(self) -> bool:
         return bool(self.retrying("looking up the cache root", lambda: self.fs.exists(self.root)))
 
+    def root_is_file(self) -> bool:
+        return bool(self.retrying("looking up the cache root", lambda: self.fs.isfile(self.root)))
+
+    def list_root(self) -> list[str]:
+        """Names directly under the root (writers only: readers never list)."""
+        entries = self.retrying(
+            "listing the cache root", lambda: self.fs.ls(self.root, detail=False)
+        )
+        return sorted({posixpath.basename(str(p).rstrip("/")) for p in entries} - {""})
+
     def read_bytes(self, rel: str) -> bytes:
         p = self.path(rel)
         return bytes(self.retrying(f"reading {rel}", lambda: self.fs.cat_file(p)))

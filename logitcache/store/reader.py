@@ -38,11 +38,18 @@ from logitcache.errors import (
     CacheNotFoundError,
     ChecksumMismatchError,
     ConfigError,
+    ManifestCorruptError,
     ShardMissingError,
     StorageError,
 )
 from logitcache.format.codec import TargetCodec, Targets
-from logitcache.format.manifest import MANIFEST_NAME, FileRecord, Manifest, ShardRecord
+from logitcache.format.manifest import (
+    MANIFEST_NAME,
+    MAX_MANIFEST_BYTES,
+    FileRecord,
+    Manifest,
+    ShardRecord,
+)
 from logitcache.store._fs import Location, crc32c, open_location
 from logitcache.store._localcache import LocalShardCache, SmallFileMemo, parse_size
 from logitcache.store.backends import backend_for
@@ -103,6 +110,12 @@ def read_manifest(loc: Location, *, check_digest: bool = True) -> Manifest:
             )
         raise CacheNotFoundError(f"no cache at {loc.url}: manifest.json is missing")
     where = f"{loc.url}/{MANIFEST_NAME}"
+    size = loc.size(MANIFEST_NAME)
+    if size > MAX_MANIFEST_BYTES:  # refused before it is read into memory
+        raise ManifestCorruptError(
+            f"{where} is {size:,} bytes, over the {MAX_MANIFEST_BYTES >> 20} MiB any manifest "
+            "needs; it is damaged or not a logitcache manifest: re-copy or re-dump the cache"
+        )
     return Manifest.from_json(loc.read_bytes(MANIFEST_NAME), where, check_digest=check_digest)
 
 

@@ -45,8 +45,8 @@ from logitcache.format.manifest import (
     first_difference,
     shard_name,
 )
-from logitcache.store._fs import Location, crc32c, open_location
-from logitcache.store._lock import WriterLock
+from logitcache.store._fs import TMP_PREFIX, Location, crc32c, open_location
+from logitcache.store._lock import LOCKS_DIR, WriterLock
 from logitcache.store.backends import backend_for
 from logitcache.store.base import (
     EncodedRows,
@@ -62,26 +62,40 @@ from logitcache.store.header import (
     CacheHeader,
 )
 
-__all__ = ["CacheWriter", "check_output"]
+__all__ = ["CacheWriter", "check_output", "check_shard_bytes"]
 
 log = logging.getLogger("logitcache")
 
 _MAX_SHARD_BYTES = 1 << 30  # Arrow list offsets are int32
+# what a cache directory holds (besides temporaries of interrupted atomic writes)
+_CACHE_ENTRIES = frozenset({MANIFEST_NAME, "shards", PROGRESS_DIR, PARTS_DIR, LOCKS_DIR})
 
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _refuse_output(loc: Location, *, overwrite: bool, resume: bool, part: str | None) -> None:
+def _refuse_output(
+    loc: Location,
+    *,
+    overwrite: bool,
+    resume: bool,
+    part: str | None,
+    force_overwrite_non_cache: bool = False,
+) -> None:
     """Every refusal of an output location, in one place: :func:`check_output` runs it before
-    any work is done, the :class:`CacheWriter` constructor again under its lock.
+    any work is done, the :class:`CacheWriter` constructor before taking its lock and again under
+    it.
 
-    A committed cache needs ``overwrite``; shards of an unfinished dump need ``resume`` or
-    ``overwrite`` (with ``part``, only that part's own progress counts: the other writers of a
-    multi-writer cache may already be writing)."""
+    A regular file is refused; so is a non-empty directory that is not a cache (a cache holds
+    only ``manifest.json``, ``shards/``, ``_writers/``, ``_parts/``, ``_locks/``), and ``overwrite``
+    of one unless ``force_overwrite_non_cache`` (it deletes ``shards/`` and the rest). A committed
+    cache needs ``overwrite``; shards of an unfinished dump need ``resume`` or ``overwrite`` (with
+    ``part``, only that part's own progress counts: the other writers of a multi-writer cache may
+    already be writing)."""
     if overwrite and resume:
         raise ConfigError("overwrite and resume exclude each other; pick one")
+    _refuse_non_cache(loc, overwrite, force_overwrite_non_cache)
     if overwrite:
         return
     if loc.exists(MANIFEST_NAME):
@@ -100,6 +114,33 @@ def _refuse_output(loc: Location, *, overwrite: bool, resume: bool, part: str | 
         raise CacheIncompleteError(
             f"{loc.url} holds shards of an unfinished dump{by}; pass resume=True (--resume) to "
             "continue it or overwrite=True (--overwrite) to start again"
+        )
+
+
+def _refuse_non_cache(loc: Location, overwrite: bool, force: bool) -> None:
+    if not loc.root_exists():
+        return
+    if loc.root_is_file():
+        raise WriterError(
+            f"{loc.url} is a file, not a directory: give the cache a new or empty directory"
+        )
+    names = [n for n in loc.list_root() if not n.startswith(TMP_PREFIX) and n != LOCKS_DIR]
+    if not names:
+        return
+    foreign = [n for n in names if n not in _CACHE_ENTRIES]
+    records = {MANIFEST_NAME, PROGRESS_DIR, PARTS_DIR} & set(names)
+    shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+    if foreign and not overwrite:
+        raise WriterError(
+            f"{loc.url} is not empty and is not a cache (it holds {shown}); write the cache "
+            "to a new or empty directory"
+        )
+    if overwrite and (foreign or not records) and not force:
+        what = f"it holds {shown}" if foreign else "it has shards/ but no manifest or progress"
+        raise WriterError(
+            f"refusing to overwrite {loc.url}: it is not a cache ({what}), and overwriting "
+            "deletes its shards/ directory. Write the cache elsewhere, or pass "
+            "force_overwrite_non_cache=True (--force-overwrite-non-cache) if that is intended"
         )
 
 
@@ -131,9 +172,9 @@ class CacheWriter:
         part: str | None = None,
         storage_options: Mapping[str, Any] | None = None,
         break_lock: bool = False,
+        force_overwrite_non_cache: bool = False,
     ) -> None:
-        if not 1 <= shard_bytes <= _MAX_SHARD_BYTES:
-            raise ConfigError(f"shard_bytes must be in [1, {_MAX_SHARD_BYTES}], got {shard_bytes}")
+        check_shard_bytes(shard_bytes)
         if header.codec.name != header.targets.method:
             raise ConfigError(
                 f"codec {header.codec.name!r} does not match targets.method "
@@ -156,9 +197,20 @@ class CacheWriter:
         self._pending_stats: list[tuple[int, list[np.ndarray | None]]] = []
         self._closed = False
         self._lock = WriterLock(self.loc, part or "main")
+
+        def refuse() -> None:
+            _refuse_output(
+                self.loc,
+                overwrite=overwrite,
+                resume=resume,
+                part=part,
+                force_overwrite_non_cache=force_overwrite_non_cache,
+            )
+
+        refuse()  # before the lock too: nothing is created in a refused location
         self._lock.acquire(break_lock)
         try:
-            _refuse_output(self.loc, overwrite=overwrite, resume=resume, part=part)
+            refuse()
             if overwrite and part is None:  # parts: one process cleared it (check_output(clear))
                 _clear_output(self.loc)
             self.loc.makedirs()
@@ -413,16 +465,37 @@ def check_output(
     part: str | None = None,
     storage_options: Mapping[str, Any] | None = None,
     break_lock: bool = False,
+    force_overwrite_non_cache: bool = False,
+    shard_bytes: int | None = None,
 ) -> None:
     """Refuse ``url`` as a new cache's output the way :class:`CacheWriter` would, before any
-    work is done (see :func:`_refuse_output`); a live writer's lock refuses it too
-    (``break_lock`` removes the lock). With ``overwrite`` and ``clear`` the old contents are
-    removed (one process of a multi-writer dump does this, then the writers start)."""
+    work is done (see :func:`_refuse_output`; ``shard_bytes``, when given, is checked too); a
+    live writer's lock refuses it too (``break_lock`` removes the lock). With ``overwrite`` and
+    ``clear`` the old contents are removed (one process of a multi-writer dump does this, then
+    the writers start)."""
+    if shard_bytes is not None:
+        check_shard_bytes(shard_bytes)
     loc = open_location(url, storage_options)
-    _refuse_output(loc, overwrite=overwrite, resume=resume, part=part)
+    _refuse_output(
+        loc,
+        overwrite=overwrite,
+        resume=resume,
+        part=part,
+        force_overwrite_non_cache=force_overwrite_non_cache,
+    )
     WriterLock(loc, part or "main").ensure_free(break_lock)
     if overwrite and clear:
         _clear_output(loc)
+
+
+def check_shard_bytes(shard_bytes: int) -> None:
+    """Refuse a shard size outside [1 B, 1 GiB] (a shard of one row per file is what a size
+    below 1 would otherwise give)."""
+    if not isinstance(shard_bytes, int) or not 1 <= shard_bytes <= _MAX_SHARD_BYTES:
+        raise ConfigError(
+            f"shard_bytes must be in [1, {_MAX_SHARD_BYTES}] bytes (--shard-mb above 0 and at "
+            f"most 1024), got {shard_bytes!r}"
+        )
 
 
 def _coverage_of(shards: Sequence[ShardRecord]) -> Coverage:
