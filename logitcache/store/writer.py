@@ -368,8 +368,13 @@ class CacheWriter:
         }
         self.loc.write_atomic(self._progress, json.dumps(record).encode())
 
-    def _resume(self) -> int:
+    def _remove_temporaries(self) -> None:
+        """Leftovers of this writer's interrupted atomic writes: shards and progress records."""
         self.loc.remove_temporaries("shards", self._prefix)
+        self.loc.remove_temporaries(PROGRESS_DIR, self._progress.rsplit("/", 1)[1])
+
+    def _resume(self) -> int:
+        self._remove_temporaries()
         if not self.loc.exists(self._progress):
             return 0
         try:
@@ -432,7 +437,7 @@ class CacheWriter:
         self._buffer = []
         self._closed = True
         try:
-            self.loc.remove_temporaries("shards", self._prefix)
+            self._remove_temporaries()
         finally:
             self._lock.release()
 

@@ -738,3 +738,15 @@ def _without_crc32c(d: dict) -> None:
 def test_caches_without_crc32c_still_read(cache: Path) -> None:
     _edit_manifest(cache, _without_crc32c)
     assert CacheReader(str(cache), verify=False).read_rows(0, 12).num_rows == 12
+
+
+def test_resume_removes_interrupted_progress_records(tmp_path: Path) -> None:
+    url = tmp_path / "c"
+    _crash(str(url))
+    leftover = url / "_writers" / f".tmp-{'a' * 32}-main.json"
+    other = url / "_writers" / f".tmp-{'b' * 32}-main2.json"  # another writer's: kept
+    leftover.write_text("{")
+    other.write_text("{")
+    with CacheWriter(str(url), header("zarr"), shard_bytes=1500, resume=True):
+        pass
+    assert not leftover.exists() and other.exists()
