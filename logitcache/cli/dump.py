@@ -54,7 +54,9 @@ _HELP = {
     "chunk_bytes": "Device memory for the chunked output head: full logits for the whole batch "
     "never exist.",
     "resume": "Continue an interrupted dump into --out.",
-    "overwrite": "Replace whatever --out holds.",
+    "overwrite": "Replace the cache --out holds (committed or unfinished).",
+    "force_overwrite_non_cache": "With --overwrite, also delete what --out holds when it is not "
+    "a cache (refused otherwise: it would delete your own files).",
     "break_lock": "Remove the writer lock a dead dump (e.g. on another machine) left in --out.",
     "count_rows": "Count the rows first for an ETA in the progress line (--no-count skips the "
     "pass over the data).",

@@ -108,6 +108,7 @@ class DumpConfig:
     chunk_bytes: int = 1 << 30
     resume: bool = False
     overwrite: bool = False
+    force_overwrite_non_cache: bool = False
     break_lock: bool = False
     storage_options: Mapping[str, Any] | None = None
     queue_depth: int = 4
@@ -127,7 +128,7 @@ class DumpConfig:
             object.__setattr__(self, "method", "sampled")
         if self.method not in ("topk", "sampled"):
             raise ConfigError(f"method must be 'topk' or 'sampled', got {self.method!r}")
-        for name in ("batch_size", "queue_depth", "k", "samples", "chunk_bytes"):
+        for name in ("batch_size", "queue_depth", "k", "samples", "chunk_bytes", "shard_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.backend not in ("zarr", "arrow"):
@@ -210,6 +211,7 @@ def run_dump(config: DumpConfig) -> DumpResult:
         part=rank_part(info),
         storage_options=config.storage_options,
         break_lock=config.break_lock,
+        force_overwrite_non_cache=config.force_overwrite_non_cache,
     )
     options = config.input_options()
     data_fp = dataset_fingerprint(config.data, options, quick=config.quick_fingerprint)
@@ -238,6 +240,7 @@ def run_dump(config: DumpConfig) -> DumpResult:
                     overwrite=True,
                     clear=True,
                     storage_options=config.storage_options,
+                    force_overwrite_non_cache=config.force_overwrite_non_cache,
                 )
             group.barrier()  # nobody writes before rank 0 has cleared the old cache
         result = _run(config, teacher, header, rows, total, info)
@@ -283,6 +286,7 @@ def _run(
         header,
         shard_bytes=config.shard_bytes,
         overwrite=config.overwrite and info.world_size == 1,
+        force_overwrite_non_cache=config.force_overwrite_non_cache,
         resume=config.resume,
         part=rank_part(info),
         storage_options=config.storage_options,

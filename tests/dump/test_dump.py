@@ -645,3 +645,37 @@ def test_out_is_a_file_and_bad_tokenizer_are_one_line_errors(
     result = run_cli(*args, ok=False)
     assert result.exit_code == 1 and "--tokenizer" in result.output, result.output
     assert str(bad_tok) in result.output and _one_error_line(result.output)
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"), [("--shard-mb", "-1"), ("--shard-mb", "0"), ("--chunk-mb", "0")]
+)
+def test_refuses_non_positive_sizes(
+    tmp_path: Path, tiny_teacher_dir: Path, text_data: Path, flag: str, value: str
+) -> None:
+    """--shard-mb -1 once wrote one-row shards (#14.8); the library refuses as well."""
+    from logitcache.dump import DumpConfig
+    from logitcache.errors import ConfigError
+
+    out = tmp_path / "out"
+    result = run_cli(*dump_args(tiny_teacher_dir, text_data, out, flag, value), ok=False)
+    assert result.exit_code == 2 and flag in result.output and not out.exists()
+    field = "shard_bytes" if flag == "--shard-mb" else "chunk_bytes"
+    with pytest.raises(ConfigError, match=field):
+        DumpConfig(teacher="t", data="d", out="o", seq_len=8, **{field: int(value)})
+
+
+def test_overwrite_refuses_a_directory_that_is_not_a_cache(
+    tmp_path: Path, tiny_teacher_dir: Path, text_data: Path
+) -> None:
+    """--overwrite once deleted the user's own shards/ file (#14.8): now it takes a flag."""
+    out = tmp_path / "mine"
+    (out / "shards").mkdir(parents=True)
+    (out / "shards" / "notes.txt").write_text("my notes")
+    result = run_cli(*dump_args(tiny_teacher_dir, text_data, out, "--overwrite"), ok=False)
+    assert result.exit_code == 1 and "--force-overwrite-non-cache" in result.output, result.output
+    assert _one_error_line(result.output)
+    assert (out / "shards" / "notes.txt").read_text() == "my notes"
+    args = dump_args(tiny_teacher_dir, text_data, out, "--overwrite", "--force-overwrite-non-cache")
+    run_cli(*args, "--no-count")
+    assert manifest(out)["num_rows"] > 0 and not (out / "shards" / "notes.txt").exists()
