@@ -130,9 +130,11 @@ def enable_activation_checkpointing(lm: nn.Module) -> None:
             f"--activation-checkpointing: the student ({type(lm).__name__}) does not support "
             "gradient checkpointing; train without it"
         )
-    lm.gradient_checkpointing_enable(  # type: ignore[operator]
-        gradient_checkpointing_kwargs={"use_reentrant": False}
-    )
+    kwargs = {"use_reentrant": False}
+    if hasattr(lm, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)  # type: ignore[operator]
+    else:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)  # type: ignore[operator]
 
 
 @contextlib.contextmanager

@@ -114,9 +114,11 @@ def load_sharded_checkpoint(
             f"cannot resume from {path} with --fsdp: it is a DDP checkpoint (no {SHARDED_DIR}/); "
             "resume it without --fsdp, or start a new --out with --fsdp"
         )
+    reader = _TensorsOnlyReader(path / SHARDED_DIR)
+    reader.read_metadata()  # refusals as they are (dcp.load would wrap them in its own error)
     model_sd, optim_sd = get_state_dict(model, optimizer)  # this run's shards, as templates
     payload = {"model": model_sd, "optimizer": optim_sd["state"]}
-    dcp.load(payload, storage_reader=_TensorsOnlyReader(path / SHARDED_DIR))
+    dcp.load(payload, storage_reader=reader)
     groups = load_tensors(path / "optimizer_groups.pt")
     set_state_dict(
         model,
