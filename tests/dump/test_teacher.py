@@ -272,3 +272,19 @@ def test_blocks_of_rows_equal_one_block(
             np.testing.assert_array_equal(getattr(one.targets, name), getattr(blocks.targets, name))
         for name in ("captured_mass", "entropy", "nll"):
             np.testing.assert_array_equal(getattr(one.stats, name), getattr(blocks.stats, name))
+
+
+@pytest.mark.parametrize("vocab", [49_152, 50_257, 151_665, 100])
+def test_segmented_topk_equals_topk(vocab: int) -> None:
+    """The CPU top-k through segment maxima gives torch.topk's values and ids (no exact ties
+    here), also for a vocabulary that is not a multiple of the segment, and keeps a NaN."""
+    from logitcache.dump.sparsify import _topk
+
+    gen = torch.Generator().manual_seed(vocab)
+    z = torch.randn(7, vocab, generator=gen) * 4
+    z[2, 5:50] += 30.0  # a row whose top k crowd into one segment
+    want = z.topk(64, dim=1, sorted=True)
+    vals, ids = _topk(z, 64)
+    assert torch.equal(vals, want.values) and torch.equal(ids, want.indices)
+    z[4, vocab // 2] = float("nan")
+    assert torch.isnan(_topk(z, 64)[0][4, 0])
