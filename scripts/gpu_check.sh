@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every figure that needs a GPU, in one run of under 8 minutes, so that a lent GPU is used in one
+# Every figure that needs a GPU, in one run of under 10 minutes, so that a lent GPU is used in one
 # short prepared call (issue 13). One JSON line per benchmark, then a summary JSON line.
 #
 #   scripts/gpu_check.sh --prepare   # HERE, with the package registries: fills .gpu/ (below)
@@ -24,7 +24,8 @@
 # /tmp/gpu_check.
 #
 # Steps and their own time limits (seconds; one hang does not eat the others' time):
-#   setup 90, bench_dump 150, bench_loader 105, bench_loss 60, pytest -k cuda 75  (480 at most)
+#   setup 90, bench_dump 150, bench_loader 105, bench_loss 60, bench_fsdp 90, pytest -k cuda 75
+#   (570 at most)
 # GPU_CHECK_DEVICE=cpu runs the same steps at toy sizes without a GPU: a dry run of this script.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -169,6 +170,7 @@ if [ "$DEVICE" = cuda ]; then
     --batch-size 32 --seq-len 1024 --batches 8
   step bench_loader 105 "$VPY" scripts/bench_loader.py --device cuda
   step bench_loss 60 "$VPY" scripts/bench_loss.py --device cuda
+  step bench_fsdp 90 "$VPY" scripts/bench_fsdp.py --device cuda
 else  # the dry run: the same steps at toy sizes, to test this script without a GPU
   step bench_dump 150 "$VPY" scripts/bench_dump.py --teacher "$TEACHER" --device cpu \
     --batch-size 2 --seq-len 64 --batches 1 --repeats 1
@@ -176,6 +178,7 @@ else  # the dry run: the same steps at toy sizes, to test this script without a 
     --train-steps 2
   step bench_loss 60 "$VPY" scripts/bench_loss.py --device cpu --tokens 128 --hidden 32 \
     --vocabs 1024
+  step bench_fsdp 90 "$VPY" scripts/bench_fsdp.py --device cpu --steps 3
 fi
 step pytest_cuda 75 "$VPY" -m pytest -q -p no:cacheprovider --continue-on-collection-errors -k cuda
 
@@ -202,6 +205,9 @@ summary = {
     "loader_vs_raw": fig("bench_loader", "loader_vs_raw"),
     "fused_mem_ratio_v131072": fig("bench_loss", "mem_ratio_v131072"),
     "fused_time_ratio_v131072": fig("bench_loss", "time_ratio_v131072"),
+    "fsdp_state_bytes_per_rank_ratio": fig("bench_fsdp", "fsdp_state_bytes_per_rank_ratio"),
+    "fsdp_loss_max_rel_diff": fig("bench_fsdp", "fsdp_loss_max_rel_diff"),
+    "cuda_peak_ratio_fsdp_offload_ac": fig("bench_fsdp", "cuda_peak_ratio_fsdp_offload_ac"),
     "cuda_tests_passed": by.get("pytest_cuda", {}).get("passed", 0),
     "cuda_tests_failed": by.get("pytest_cuda", {}).get("failed", 0),
 }

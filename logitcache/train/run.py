@@ -243,6 +243,8 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.resume:
         log.rewind(step)  # lines past the checkpoint are recomputed: no duplicates
     batches = _batches(loader)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     t0, start_tokens = time.perf_counter(), tokens
     losses: list[float] = []
     state_bytes: int | None = None
@@ -305,6 +307,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
             if world > 1 and not cfg.fsdp:
                 dist.barrier()
     elapsed = time.perf_counter() - t0  # training only: the final evaluation is not a step
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     loader.close()
     final_metrics = run_eval()
     summary = {
@@ -318,6 +321,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
         "world_size": world,
         "fsdp": cfg.fsdp,
         "state_bytes_per_rank": state_bytes,
+        "peak_device_bytes": peak,
     }
     final = out / "final"
     if cfg.fsdp:  # collective: the full state dict is gathered on rank 0's CPU
