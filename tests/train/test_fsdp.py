@@ -1,6 +1,7 @@
-"""``logitcache train --fsdp``: FSDP2 ranks compute what one process computes, sharded (DCP)
-checkpoints resume on another world size and survive a SIGKILL mid-save, the export loads with
-``from_pretrained``, the gathered head weight is freed after the step, and the refusals.
+"""``logitcache train --fsdp``: FSDP2 ranks (and DDP ranks) compute what one process computes on
+the same rows, sharded (DCP) checkpoints resume on another world size and survive a SIGKILL
+mid-save, the export loads with ``from_pretrained``, the gathered head weight is freed after the
+step, and the refusals.
 
 The cache holds 8 rows in 8 one-row shards, and a global batch is 8 rows: every step reads the
 whole epoch at any world size (the loader deals whole shards to ranks, so with bigger caches the
@@ -108,10 +109,13 @@ def cfg(cache: Path, out: Path, student: Path, **kw: object) -> TrainConfig:
     return TrainConfig(**base)  # type: ignore[arg-type]
 
 
-def torchrun(nproc: int, cache: Path, student: Path, out: Path, *flags: str, **env: str) -> Any:
+def torchrun(
+    nproc: int, cache: Path, student: Path, out: Path, *flags: str, fsdp: bool = True, **env: str
+) -> Any:
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-        "--standalone", "-m", "logitcache", "train", "--fsdp", "--cache", str(cache),
+        "--standalone", "-m", "logitcache", "train", "--fsdp" if fsdp else "--no-fsdp",
+        "--cache", str(cache),
         "--student", str(student), "--out", str(out), "--batch-size", str(ROWS // nproc),
         "--max-steps", "10", "--lr", "0.01", "--order", "random", "--log-every", "1",
         "--no-progress", *flags,
@@ -152,6 +156,18 @@ def test_two_ranks_equal_one_process_kill_mid_save_resume_on_one(
     with torch.no_grad():
         got, want = exported(ids).logits, reference(ids).logits
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.dist
+def test_ddp_two_ranks_equal_one_process(cache: Path, student_dir: Path, tmp_path: Path) -> None:
+    """The rule FSDP keeps is DDP's: on the same rows, 2 ranks make one process's steps."""
+    one = run_train(cfg(cache, tmp_path / "one", student_dir, max_steps=5))
+    out = tmp_path / "ddp"
+    r = torchrun(2, cache, student_dir, out, "--max-steps", "5", fsdp=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    two = json.loads((out / "summary.json").read_text())
+    assert two["world_size"] == 2 and not two["fsdp"]
+    assert two["losses"] == pytest.approx(one["losses"], rel=1e-5, abs=0)
 
 
 @pytest.mark.dist
