@@ -486,7 +486,7 @@ class _FailingWriter:
 def test_background_writer_raises_thread_errors_in_main_thread() -> None:
     from logitcache.dump.inputs import TokenBatch
 
-    stats = SimpleNamespace(captured_mass=None, entropy=None)
+    stats = SimpleNamespace(captured_mass=None, entropy=None, nll=None)
     item = (TokenBatch(np.zeros(1), np.zeros((1, 2)), np.zeros((1, 2))),
             SimpleNamespace(targets=None, stats=stats))  # fmt: skip
     writer = _FailingWriter()
