@@ -156,9 +156,7 @@ def evaluate(
         for i, batch in enumerate(batches):
             if max_batches is not None and i >= max_batches:
                 break
-            if batch["target_index"].numel() == 0:
-                continue
-            out = student(batch)
+            out = student(batch)  # even without targets: an FSDP forward is collective
             if isinstance(out, Tensor):
                 out = StudentOutput(logits=out)
             teacher, labels = to_teacher(batch), batch["target_labels"]

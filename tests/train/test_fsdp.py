@@ -53,13 +53,12 @@ def llama(seed: int, hidden: int = 32) -> LlamaForCausalLM:
     return LlamaForCausalLM(cfg).eval()
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def write_cache(url: Path, rows: int, seed: int) -> None:
+    """``rows`` rows of a peaked tiny teacher, one row per shard, 3..15 target positions a row."""
     teacher = llama(123, hidden=48)
     with torch.no_grad():
         teacher.lm_head.weight.mul_(8.0)
-    url = tmp_path_factory.mktemp("fsdp") / "cache"
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     hdr = CacheHeader(
         codec=TopKCodec(k=K, vocab_size=VOCAB),
         targets=TargetsInfo(method="topk", k=K),
@@ -68,21 +67,32 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
         padded_vocab_size=VOCAB,
         teacher=SourceInfo(name="tiny-teacher"),
     )
-    ids = rng.integers(0, VOCAB, (ROWS, SEQ))
-    mask = np.arange(SEQ)[None, :] < rng.integers(4, SEQ, ROWS)[:, None]  # 4..15 targets a row
+    ids = rng.integers(0, VOCAB, (rows, SEQ))
+    mask = np.arange(SEQ)[None, :] < rng.integers(3, SEQ, rows)[:, None]
     with torch.no_grad():
         lp = torch.log_softmax(teacher(torch.as_tensor(ids)).logits.double(), -1)
     lp = lp[torch.as_tensor(mask)]
     top, idx = lp.topk(K, dim=-1)
     rest = lp.scatter(1, idx, float("-inf")).logsumexp(-1)
-    targets = TopKTargets(
-        idx.int().numpy(),
-        top.float().numpy(),
-        rest.float().numpy(),
-        np.zeros((len(top), 0), np.float32),
-    )
+    no_temps = np.zeros((len(top), 0), np.float32)
+    targets = TopKTargets(idx.int().numpy(), top.float().numpy(), rest.float().numpy(), no_temps)
     with CacheWriter(str(url), hdr, shard_bytes=1) as w:  # one row per shard
-        w.write(np.arange(ROWS), ids, mask, targets)
+        w.write(np.arange(rows), ids, mask, targets)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    url = tmp_path_factory.mktemp("fsdp") / "cache"
+    write_cache(url, ROWS, seed=0)
+    return url
+
+
+@pytest.fixture(scope="module")
+def eval_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """9 rows: at 2 ranks of batch 4, rank 0 reads 5 rows (2 batches) and rank 1 reads 4 and then
+    a whole padding batch, whose forward FSDP still needs (it is collective)."""
+    url = tmp_path_factory.mktemp("fsdp") / "eval"
+    write_cache(url, 9, seed=1)
     return url
 
 
@@ -124,31 +134,43 @@ def torchrun(
     return subprocess.run(cmd, capture_output=True, text=True, env=run_env, timeout=300)
 
 
+def logged(out: Path) -> list[dict[str, Any]]:
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
 def logged_losses(out: Path) -> list[float]:
-    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    return [x["loss"] for x in lines if "loss" in x]
+    return [x["loss"] for x in logged(out) if "loss" in x]
+
+
+def logged_eval(out: Path, step: int) -> dict[str, float]:
+    (found,) = [x["eval"] for x in logged(out) if "eval" in x and x["step"] == step]
+    return dict(found)
 
 
 @pytest.mark.dist
 def test_two_ranks_equal_one_process_kill_mid_save_resume_on_one(
-    cache: Path, student_dir: Path, tmp_path: Path
+    cache: Path, eval_cache: Path, student_dir: Path, tmp_path: Path
 ) -> None:
-    one = run_train(cfg(cache, tmp_path / "one", student_dir))
+    evals = dict(eval_cache=str(eval_cache), eval_every=5)
+    one = run_train(cfg(cache, tmp_path / "one", student_dir, **evals))
     out = tmp_path / "two"
+    flags = ("--save-every", "5", "--eval-cache", str(eval_cache), "--eval-every", "5")
     # 2 ranks, checkpoints at 5 and 10; rank 0 is SIGKILLed inside the save of step 10, after
     # the shard files are written
-    r = torchrun(2, cache, student_dir, out, "--save-every", "5", **{KILL_IN_SAVE_ENV: "10"})
+    r = torchrun(2, cache, student_dir, out, *flags, **{KILL_IN_SAVE_ENV: "10"})
     assert r.returncode != 0, r.stderr[-2000:]
     assert logged_losses(out) == pytest.approx(one["losses"], rel=1e-5, abs=0)
+    assert logged_eval(out, 5) == pytest.approx(logged_eval(tmp_path / "one", 5), rel=1e-5)
     ckpts = out / "checkpoints"
     assert (ckpts / ".tmp-step-00000010" / "dcp" / ".metadata").is_file()  # half-written
     assert sorted(p.name for p in ckpts.glob("step-*")) == ["step-00000005"]
 
-    r = torchrun(1, cache, student_dir, out, "--save-every", "5", "--resume")
+    r = torchrun(1, cache, student_dir, out, *flags, "--resume")
     assert r.returncode == 0, r.stderr[-3000:]
     resumed = json.loads((out / "summary.json").read_text())
     assert resumed["world_size"] == 1 and resumed["steps_run"] == 5  # from step 5, not 10
     assert resumed["losses"] == pytest.approx(one["losses"][5:], rel=1e-5, abs=0)
+    assert resumed["eval"] == pytest.approx(one["eval"], rel=1e-5)
     assert not (ckpts / ".tmp-step-00000010").exists()  # replaced by the complete one
     exported = AutoModelForCausalLM.from_pretrained(out / "final")
     reference = AutoModelForCausalLM.from_pretrained(tmp_path / "one" / "final")
