@@ -8,7 +8,10 @@ A flat, top-to-bottom trainer (it reads better long than split into callbacks):
 4. each optimizer step takes ``grad_accum`` batches per rank. The loss is normalised once per
    step by the number of target positions *across all micro-batches and ranks* (one all-reduce of
    a scalar), so a step's gradient is the mean over every position of the global batch whatever
-   the world size, and DDP's own averaging is undone by scaling with the world size;
+   the world size, and DDP's own averaging (FSDP's reduce-scatter too) is undone by scaling
+   with the world size. The student and its loss are one module (:class:`StepLoss`), wrapped by
+   DDP, or sharded with FSDP2 under ``--fsdp`` (``train/fsdp.py``: checkpoints then go through
+   ``train/sharded_checkpoint.py`` and the final model is gathered on rank 0);
 5. evaluation on held-out rows every ``eval_every`` steps and at the end, logged as JSON lines in
    ``OUT/metrics.jsonl``; checkpoints every ``save_every`` steps and at the end (atomic, rotated);
    the final student is saved to ``OUT/final`` (``from_pretrained`` loads it).
