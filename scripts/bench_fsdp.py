@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -118,7 +119,8 @@ def train(nproc: int, out: Path, common: list[str], *flags: str) -> dict[str, An
 def max_rel_diff(a: list[float], b: list[float]) -> float:
     if len(a) != len(b):
         raise SystemExit(f"loss curves of different lengths: {len(a)} vs {len(b)}")
-    return max(abs(x - y) / max(abs(y), 1e-30) for x, y in zip(a, b, strict=True))
+    diffs = [abs(x - y) / max(abs(y), 1e-30) for x, y in zip(a, b, strict=True)]
+    return max(diffs) if all(math.isfinite(d) for d in diffs) else math.inf
 
 
 def main() -> None:
