@@ -20,7 +20,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from logitcache.data import make_loader
 from logitcache.data.loader import _guarded
-from logitcache.errors import CacheIncompleteError, ChecksumMismatchError, LoaderError
+from logitcache.errors import (
+    CacheIncompleteError,
+    ChecksumMismatchError,
+    LoaderError,
+    ShardMissingError,
+)
 
 
 def damage_second_shard(url: str) -> str:
@@ -112,5 +117,5 @@ def test_removed_cache_fails_cleanly(tmp_path: Path) -> None:
     url = build_cache(tmp_path / "c")
     loader = make_loader(url, 2)
     shutil.rmtree(Path(url) / "shards")
-    with pytest.raises(Exception, match="missing"):
+    with pytest.raises(ShardMissingError, match="missing"):
         next(iter(loader))

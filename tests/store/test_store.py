@@ -18,6 +18,7 @@ from logitcache.errors import (
     CacheIncompleteError,
     CacheNotFoundError,
     ChecksumMismatchError,
+    CodecError,
     ConfigError,
     FormatVersionError,
     ManifestError,
@@ -484,7 +485,7 @@ def test_writer_validates_input(tmp_path: Path) -> None:
         w.write(np.arange(2), np.full((2, 8), 64), mask, t)
     bad = topk_targets(rng, 16, 4, 50)
     bad.ids[0, 0] = 50
-    with pytest.raises(Exception, match="50"):
+    with pytest.raises(CodecError, match="50"):
         w.write(np.arange(2), np.zeros((2, 8), int), mask, bad)
     w.abort()
     assert not (tmp_path / "c" / "manifest.json").exists()
@@ -586,7 +587,7 @@ def test_zarr_fast_path_equals_zarr(tmp_path: Path) -> None:
     key = "loss_mask/c/0/0"
     blob = bytearray(files[key])
     blob[-10] ^= 0xFF
-    with pytest.raises(Exception, match=r"(?i)checksum|crc"):
+    with pytest.raises(CacheCorruptError, match=r"(?i)checksum|crc"):
         _read_fast({**files, key: bytes(blob)}, "loss_mask")
 
 
