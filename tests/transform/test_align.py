@@ -17,7 +17,8 @@ from logitcache.format import SourceInfo, TargetsInfo, TopKCodec
 from logitcache.format.fingerprint import tokenizer_fingerprint
 from logitcache.format.targets import TopKTargets
 from logitcache.store import CacheHeader, CacheReader, CacheWriter
-from logitcache.transform.align import MAX_PARTS, IdMap, _project, align_cache, token_bytes
+from logitcache.transform._tokens import IdMap, token_bytes
+from logitcache.transform.align import MAX_PARTS, _project, align_cache
 
 SEQ, K = 32, 12
 
