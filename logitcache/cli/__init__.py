@@ -1,6 +1,6 @@
 """The ``logitcache`` command line. Thin: each command parses options and calls one library
 function; one module per family (:mod:`.dump`, :mod:`.train`, :mod:`.cache`, :mod:`.transform`,
-:mod:`.demo`), the
+:mod:`.report`, :mod:`.demo`), the
 shared options and the error wrapper in :mod:`._common`.
 """
 
@@ -12,6 +12,7 @@ from logitcache import __version__
 from logitcache.cli.cache import cp, finalize, info, merge, verify
 from logitcache.cli.demo import demo
 from logitcache.cli.dump import dump
+from logitcache.cli.report import report_command
 from logitcache.cli.train import train
 from logitcache.cli.transform import (
     align_command,
@@ -42,6 +43,7 @@ for _command in (
     export_command,
     mix_command,
     align_command,
+    report_command,
     demo,
 ):
     cli.add_command(_command)
