@@ -30,6 +30,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import astuple
 from pathlib import Path
@@ -64,6 +65,7 @@ from logitcache.train.student import (
     check_loss_fits,
     decoder_and_head,
     load_student,
+    quantisation_note,
     student_output,
     target_logits,
 )
@@ -326,6 +328,11 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
         "state_bytes_per_rank": state_bytes,
         "peak_device_bytes": peak,
     }
+    note = quantisation_note(manifest, losses[-1] if losses else None)
+    if note is not None:
+        summary["warnings"] = [note]
+        if rank == 0:
+            warnings.warn(note, stacklevel=2)
     final = out / "final"
     if cfg.fsdp:  # collective: the full state dict is gathered on rank 0's CPU
         export_full_model(model, final, rank, student.tokenizer)

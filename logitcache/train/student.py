@@ -180,3 +180,22 @@ def student_output(model: nn.Module, batch: dict[str, Any]) -> StudentOutput:
     hidden = base(input_ids=batch["input_ids"]).last_hidden_state
     hidden = hidden.flatten(0, 1).index_select(0, batch["target_index"])
     return StudentOutput(hidden=hidden, weight=head.weight, bias=head.bias)
+
+
+#: ~1e-3 nats/position: what sqrt-quantised values cost any loss (docs/codecs.md, measured on real
+#: distributions for kl, reverse-kl, jsd and kl-renorm alike); 1% of a loss below 0.1 nats.
+SQRT_VALUE_ERROR_NATS = 1e-3
+
+
+def quantisation_note(manifest: Manifest, final_loss: float | None) -> str | None:
+    """A warning when the cache's sqrt-quantised values are a visible part of the loss: their
+    ~1e-3 nats/position error exceeds 1% of a loss below ~0.1 nats/position."""
+    values = getattr(manifest.codec, "values", None)
+    if values != "sqrt" or final_loss is None or not final_loss < 100 * SQRT_VALUE_ERROR_NATS:
+        return None
+    return (
+        f"the final loss {final_loss:.4f} nats/position is within 100x of the error of the "
+        f"cache's sqrt-quantised values (~{SQRT_VALUE_ERROR_NATS:g} nats/position), so they "
+        "limit what the student can still learn; dump with --values float16 for a student this "
+        "close to its teacher (docs/codecs.md)"
+    )
