@@ -213,6 +213,7 @@ def report_runs(paths: Sequence[str], out: str | os.PathLike[str] = "report.html
         ["run", "steps", "final loss", "steps/s", "tokens/s", *(f"eval {mm}" for mm in metrics)],
         rows,
         ident="runs",
+        keys=[r.name for r in runs],
     )
     what = {
         "loss": "training loss and learning rate vs step",

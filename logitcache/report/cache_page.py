@@ -51,7 +51,7 @@ def _identity(s: CacheStats) -> str:
     table = h.table(["", ""], rows, ident="identity", left=2)
     bpt = s.usage.bytes_per_token
     return table + (
-        f'<p id="bytes-per-token">bytes/token (whole cache): <b data-value="{bpt!r}">'
+        f'<p>bytes/token (whole cache): <b id="bytes-per-token" data-value="{bpt!r}">'
         f"{bpt:.2f}</b></p>"
     )
 
@@ -185,7 +185,9 @@ def _bytes_body(s: CacheStats, figures: dict[str, bytes]) -> str:
         for name, b in u.per_array.items()
     ]
     body = h.figure("bytes", figures["bytes"], "bytes per array and per shard")
-    body += h.table(["array", "bytes", "bytes/token"], rows, ident="bytes-table")
+    body += h.table(
+        ["array", "bytes", "bytes/token"], rows, ident="bytes-table", keys=list(u.per_array)
+    )
     if u.estimated:
         body += h.paragraph(
             "Arrow shards are one file each: the split per array is ESTIMATED from the zstd-"

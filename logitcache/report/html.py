@@ -48,17 +48,21 @@ def num(value: float | int | None, fmt: str = ".4f", cls: str = "") -> str:
 
 
 def table(
-    header: Sequence[str], rows: Iterable[Sequence[str]], ident: str = "", left: int = 1
+    header: Sequence[str],
+    rows: Iterable[Sequence[str]],
+    ident: str = "",
+    left: int = 1,
+    keys: Sequence[str] | None = None,
 ) -> str:
     """``rows`` are sequences of ready ``<td>`` cells (or plain text, escaped into one); the
-    first ``left`` columns are left-aligned."""
+    first ``left`` columns are left-aligned; ``keys`` name the rows (``<tr data-row=...>``)."""
     i = f' id="{esc(ident)}"' if ident else ""
     head = "".join(
         f'<th class="l">{esc(h)}</th>' if j < left else f"<th>{esc(h)}</th>"
         for j, h in enumerate(header)
     )
     body = []
-    for row in rows:
+    for r, row in enumerate(rows):
         cells = []
         for j, cell in enumerate(row):
             if cell.startswith("<td"):
@@ -67,7 +71,8 @@ def table(
                 cells.append(
                     f'<td class="l">{esc(cell)}</td>' if j < left else f"<td>{esc(cell)}</td>"
                 )
-        body.append("<tr>" + "".join(cells) + "</tr>")
+        key = f' data-row="{esc(keys[r])}"' if keys is not None else ""
+        body.append(f"<tr{key}>" + "".join(cells) + "</tr>")
     return f"<table{i}><tr>{head}</tr>{''.join(body)}</table>"
 
 

@@ -19,7 +19,13 @@ from logitcache.errors import ConfigError
 from logitcache.report.cache_stats import CacheStats
 from logitcache.report.runs import RunLog
 
-__all__ = ["MISSING_MATPLOTLIB", "cache_figures", "require_matplotlib", "run_figures"]
+__all__ = [
+    "MISSING_MATPLOTLIB",
+    "cache_figures",
+    "draw_run_figures",
+    "require_matplotlib",
+    "run_figures",
+]
 
 MISSING_MATPLOTLIB = (
     "logitcache report draws its figures with matplotlib, which is not installed: "
@@ -200,8 +206,13 @@ def _eval_metrics(runs: Sequence[RunLog]) -> list[str]:
 
 def run_figures(runs: Sequence[RunLog]) -> dict[str, bytes]:
     """Name -> PNG bytes of the figures of one or more training runs (curves overlaid)."""
+    return {name: _png(fig) for name, fig in draw_run_figures(runs).items()}
+
+
+def draw_run_figures(runs: Sequence[RunLog]) -> dict[str, Any]:
+    """Name -> matplotlib ``Figure`` of :func:`run_figures` (one line per run in every panel)."""
     figure = require_matplotlib()
-    out: dict[str, bytes] = {}
+    out: dict[str, Any] = {}
     fig = figure(figsize=(11, 4))
     left, right = fig.subplots(1, 2)
     for r in runs:
@@ -212,7 +223,7 @@ def run_figures(runs: Sequence[RunLog]) -> dict[str, bytes]:
     for ax in (left, right):
         ax.grid(alpha=0.3)
         ax.legend()
-    out["loss"] = _png(fig)
+    out["loss"] = fig
     metrics = _eval_metrics(runs)
     if metrics:
         cols = min(len(metrics), 3)
@@ -228,7 +239,7 @@ def run_figures(runs: Sequence[RunLog]) -> dict[str, bytes]:
             ax.legend()
         for ax in axes[len(metrics) :]:
             ax.set_axis_off()
-        out["eval"] = _png(fig)
+        out["eval"] = fig
     fig = figure(figsize=(6, 4))
     ax = fig.subplots()
     for r in runs:
@@ -236,5 +247,5 @@ def run_figures(runs: Sequence[RunLog]) -> dict[str, bytes]:
     ax.set(title="throughput", xlabel="step", ylabel="tokens/s (since start)")
     ax.grid(alpha=0.3)
     ax.legend()
-    out["throughput"] = _png(fig)
+    out["throughput"] = fig
     return out
