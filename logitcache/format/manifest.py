@@ -31,30 +31,41 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
-from typing import Any, Literal
-
-import numpy as np
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 from logitcache.errors import (
     FormatVersionError,
     ManifestCorruptError,
     ManifestError,
-    UnsafePathError,
 )
 from logitcache.format.codec import TargetCodec, codec_from_dict
+from logitcache.format.records import (
+    Backend,
+    Coverage,
+    CoverageSums,
+    FileRecord,
+    Method,
+    ShardRecord,
+    SourceInfo,
+    TargetsInfo,
+    check_relative_path,
+    need,
+    require_key,
+)
 
 __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "MANIFEST_NAME",
+    "Backend",
     "Coverage",
     "CoverageSums",
     "FileRecord",
     "Manifest",
+    "Method",
     "ShardRecord",
     "SourceInfo",
     "TargetsInfo",
@@ -87,30 +98,7 @@ MANIFEST_NAME = "manifest.json"
 # at most a few more in ``extra``. Bigger or deeper means damage or malice, never a cache.
 MAX_MANIFEST_BYTES = 64 << 20
 MAX_MANIFEST_DEPTH = 32
-
-Method = Literal["topk", "sampled"]
-Backend = Literal["zarr", "arrow"]
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_MAX_VOCAB = 2**31 - 1
-
-
-def _need(cond: bool, where: str, msg: str) -> None:
-    if not cond:
-        raise ManifestError(f"manifest field {where}: {msg}")
-
-
-def _get(d: Mapping[str, Any], key: str, where: str) -> Any:
-    if not isinstance(d, Mapping):
-        raise ManifestError(f"manifest field {where} must be an object, got {type(d).__name__}")
-    if key not in d:
-        raise ManifestError(f"manifest field {where}.{key} is missing")
-    return d[key]
-
-
-def _known(cls: type, d: Mapping[str, Any]) -> dict[str, Any]:
-    """Keep the keys ``cls`` knows: newer minor versions may add fields, which we ignore."""
-    names = {f.name for f in fields(cls)}
-    return {k: v for k, v in d.items() if k in names}
+_MAX_VOCAB = 2**31 - 1  # input_ids are int32
 
 
 def content_digest(d: Mapping[str, Any]) -> str:
@@ -143,342 +131,6 @@ def first_difference(old: Any, new: Any) -> tuple[str, Any, Any] | None:
     return min(diffs, key=lambda d: d[0].count(".")) if diffs else None
 
 
-def check_relative_path(path: str, where: str) -> str:
-    """Return ``path`` if it is a safe relative POSIX path inside the cache, else raise."""
-    if not isinstance(path, str) or not path:
-        raise UnsafePathError(f"{where}: path must be a non-empty string, got {path!r}")
-    parts = path.split("/")
-    if (
-        path.startswith(("/", "\\"))
-        or re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", path)
-        or "\\" in path
-        or any(p in ("", ".", "..") for p in parts)
-    ):
-        raise UnsafePathError(
-            f"{where}: {path!r} is not a plain relative path inside the cache (absolute paths, "
-            "'..', '.', empty parts, backslashes and URLs are refused); the manifest was edited "
-            "or written by a faulty tool"
-        )
-    return path
-
-
-@dataclass(frozen=True)
-class TargetsInfo:
-    """What the stored targets mean.
-
-    method: "topk" (the k most likely ids) or "sampled" (ids drawn ``samples`` times, with
-    counts). values: always "logprob": teacher log-probs normalised over the real vocabulary.
-    temperature: the temperature the values were computed at; always 1.0 (never pre-applied).
-    tail: "bucket" when the log mass outside the stored ids is stored per position (top-k);
-    "none" for sampled targets; "unknown" for top-k values imported from a source that did not
-    keep the tail (raw logits, renormalised values): stored renormalised over the k ids with a
-    ``-inf`` tail, and refused by the tail-bucket losses. temperatures: extra temperatures whose
-    per-position log-normaliser ``log sum_v p_v^(1/T)`` is stored, making losses at those T
-    exact.
-    """
-
-    method: Method
-    k: int | None = None
-    samples: int | None = None
-    values: Literal["logprob"] = "logprob"
-    temperature: float = 1.0
-    tail: Literal["bucket", "none", "unknown"] = "bucket"
-    temperatures: tuple[float, ...] = ()
-
-    def __post_init__(self) -> None:
-        _need(self.method in ("topk", "sampled"), "targets.method", f"unknown {self.method!r}")
-        if self.method == "topk":
-            _need(
-                isinstance(self.k, int) and self.k >= 1, "targets.k", f"must be >= 1, got {self.k}"
-            )
-        else:
-            _need(
-                isinstance(self.samples, int) and self.samples >= 1,
-                "targets.samples",
-                f"must be >= 1, got {self.samples}",
-            )
-        _need(self.values == "logprob", "targets.values", f"must be 'logprob', got {self.values!r}")
-        _need(self.temperature == 1.0, "targets.temperature", "values are stored at T=1 only")
-        _need(self.tail in ("bucket", "none", "unknown"), "targets.tail", f"unknown {self.tail!r}")
-        for t in self.temperatures:
-            _need(
-                isinstance(t, (int, float)) and math.isfinite(t) and t > 0,
-                "targets.temperatures",
-                f"each temperature must be a finite number > 0, got {t!r}",
-            )
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "method": self.method,
-            "k": self.k,
-            "samples": self.samples,
-            "values": self.values,
-            "temperature": self.temperature,
-            "tail": self.tail,
-            "temperatures": list(self.temperatures),
-        }
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> TargetsInfo:
-        kw = _known(cls, d)
-        kw["temperatures"] = tuple(kw.get("temperatures", ()))
-        return cls(**kw)
-
-
-@dataclass(frozen=True)
-class SourceInfo:
-    """Identity of something a cache was made from (teacher, tokenizer or dataset).
-
-    name: human-readable (model dir, dataset path); revision: a version label if known;
-    fingerprint: a hash that changes whenever the content does (weights, vocab + merges +
-    special tokens + chat template, input bytes + packing options).
-    """
-
-    name: str = ""
-    revision: str | None = None
-    fingerprint: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "revision": self.revision, "fingerprint": self.fingerprint}
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> SourceInfo:
-        return cls(**_known(cls, d))
-
-
-@dataclass(frozen=True)
-class FileRecord:
-    """One file of a shard: relative path inside the cache, size in bytes, sha256 hex digest
-    (bare hex, no ``sha256:`` prefix) and, since format 1.2, its CRC-32C (Castagnoli) as an
-    unsigned integer.
-
-    The CRC is what a reader checks when it skips the sha256 (``verify=False``, or a shard read
-    again): at ~5-6 GB/s per core it added 1.6% (Zarr) and 2.3% (Arrow) to loading a shard
-    (fetch from the page cache + decode; top-64, vocab 49k, 17 MB, min of 25 runs each way, same
-    run), and because it is recorded per path, damaged bytes,
-    a truncated file or two same-size files swapped (Zarr chunk objects of two shards) cannot
-    decode into wrong numbers. It protects against accidents; the sha256 and the content digest
-    are what protect against deliberate edits."""
-
-    path: str
-    bytes: int
-    sha256: str
-    crc32c: int | None = None
-
-    def __post_init__(self) -> None:
-        check_relative_path(self.path, "shards[].files[].path")
-        _need(isinstance(self.bytes, int) and self.bytes >= 0, f"file {self.path}.bytes", "< 0")
-        _need(
-            isinstance(self.sha256, str) and bool(_SHA256.match(self.sha256)),
-            f"file {self.path}.sha256",
-            "must be 64 lowercase hex digits",
-        )
-        if self.crc32c is not None:
-            _need(
-                isinstance(self.crc32c, int) and 0 <= self.crc32c < 2**32,
-                f"file {self.path}.crc32c",
-                f"must be an unsigned 32-bit integer, got {self.crc32c!r}",
-            )
-
-    def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"path": self.path, "bytes": self.bytes, "sha256": self.sha256}
-        if self.crc32c is not None:
-            d["crc32c"] = self.crc32c
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> FileRecord:
-        return cls(
-            path=_get(d, "path", "file"),
-            bytes=_get(d, "bytes", "file"),
-            sha256=_get(d, "sha256", "file"),
-            crc32c=d.get("crc32c"),
-        )
-
-
-@dataclass(frozen=True)
-class CoverageSums:
-    """The sums behind :class:`Coverage`'s means, over some positions (one shard's, since 1.2).
-
-    Kept per shard so that they add up exactly whatever path the rows took: a resumed dump
-    counts each committed shard once (rows that were buffered when it was killed are counted
-    when they land in a shard, not when they were first seen), parts and merges add their
-    shards' sums, and ``verify`` checks the manifest's coverage against them. ``mass_n`` and
-    ``entropy_n`` count the positions that had each statistic.
-    """
-
-    positions: int = 0
-    mass: float = 0.0
-    mass_n: int = 0
-    entropy: float = 0.0
-    entropy_n: int = 0
-    nll: float = 0.0  # the teacher's NLL of the true next token (since 1.2, optional)
-    nll_n: int = 0
-
-    def __post_init__(self) -> None:
-        for name in ("positions", "mass_n", "entropy_n", "nll_n"):
-            v = getattr(self, name)
-            _need(isinstance(v, int) and v >= 0, f"coverage.{name}", f"bad value {v!r}")
-        for name in ("mass", "entropy", "nll"):
-            v = getattr(self, name)
-            _need(
-                isinstance(v, (int, float)) and math.isfinite(v),
-                f"coverage.{name}",
-                f"must be a finite number, got {v!r}",
-            )
-
-    @classmethod
-    def of(
-        cls, positions: int, mass: Any = None, entropy: Any = None, nll: Any = None
-    ) -> CoverageSums:
-        """Sums over ``positions`` positions with per-position statistics (arrays, or None;
-        NaN in ``nll`` marks a position without a next token, not counted)."""
-
-        def total(v: Any) -> tuple[float, int]:
-            if v is None:
-                return 0.0, 0
-            arr = np.asarray(v)
-            return float(np.sum(arr, dtype=np.float64)), int(arr.size)
-
-        m, mn = total(mass)
-        e, en = total(entropy)
-        lv, ln = total(None if nll is None else np.asarray(nll)[~np.isnan(nll)])
-        return cls(positions, m, mn, e, en, lv, ln)
-
-    def __add__(self, other: CoverageSums) -> CoverageSums:
-        return CoverageSums(
-            self.positions + other.positions,
-            self.mass + other.mass,
-            self.mass_n + other.mass_n,
-            self.entropy + other.entropy,
-            self.entropy_n + other.entropy_n,
-            self.nll + other.nll,
-            self.nll_n + other.nll_n,
-        )
-
-    def coverage(self) -> Coverage:
-        return Coverage(
-            positions=self.positions,
-            captured_mass=self.mass / self.mass_n if self.mass_n else None,
-            entropy=self.entropy / self.entropy_n if self.entropy_n else None,
-            teacher_nll=self.nll / self.nll_n if self.nll_n else None,
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "positions": self.positions,
-            "mass": self.mass,
-            "mass_n": self.mass_n,
-            "entropy": self.entropy,
-            "entropy_n": self.entropy_n,
-            **({"nll": self.nll, "nll_n": self.nll_n} if self.nll_n else {}),
-        }
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> CoverageSums:
-        if not isinstance(d, Mapping):
-            raise ManifestError(f"manifest field coverage sums must be an object, got {d!r}")
-        return cls(**_known(cls, d))
-
-    @staticmethod
-    def total(shards: Any) -> CoverageSums | None:
-        """The sums over ``shards`` (shard records), or None if one of them has none (a shard
-        written before format 1.2)."""
-        out = CoverageSums()
-        for s in shards:
-            if s.coverage is None:
-                return None
-            out = out + s.coverage
-        return out
-
-
-@dataclass(frozen=True)
-class ShardRecord:
-    """One shard: its path (a ``.zarr`` directory or an ``.arrow`` file), its row, position and
-    entry counts, and every file it consists of with size and checksum."""
-
-    path: str
-    rows: int
-    positions: int
-    entries: int
-    files: tuple[FileRecord, ...]
-    coverage: CoverageSums | None = None
-
-    def __post_init__(self) -> None:
-        check_relative_path(self.path, "shards[].path")
-        for name in ("rows", "positions", "entries"):
-            v = getattr(self, name)
-            _need(isinstance(v, int) and v >= 0, f"shard {self.path}.{name}", f"bad value {v!r}")
-        if self.coverage is not None:
-            _need(
-                self.coverage.positions == self.positions,
-                f"shard {self.path}.coverage.positions",
-                f"is {self.coverage.positions} but the shard holds {self.positions} positions",
-            )
-        _need(len(self.files) > 0, f"shard {self.path}.files", "lists no files")
-        for f in self.files:
-            _need(
-                f.path == self.path or f.path.startswith(self.path + "/"),
-                f"shard {self.path}.files",
-                f"file {f.path!r} lies outside the shard",
-            )
-
-    @property
-    def bytes(self) -> int:
-        return sum(f.bytes for f in self.files)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "path": self.path,
-            "rows": self.rows,
-            "positions": self.positions,
-            "entries": self.entries,
-            "files": [f.to_dict() for f in self.files],
-            **({"coverage": self.coverage.to_dict()} if self.coverage is not None else {}),
-        }
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> ShardRecord:
-        files = _get(d, "files", "shard")
-        _need(isinstance(files, list), "shards[].files", "must be a list")
-        return cls(
-            path=_get(d, "path", "shard"),
-            rows=_get(d, "rows", "shard"),
-            positions=_get(d, "positions", "shard"),
-            entries=_get(d, "entries", "shard"),
-            files=tuple(FileRecord.from_dict(f) for f in files),
-            coverage=CoverageSums.from_dict(d["coverage"]) if "coverage" in d else None,
-        )
-
-
-@dataclass(frozen=True)
-class Coverage:
-    """How much of the teacher distribution the targets capture, averaged over stored positions.
-
-    captured_mass: mean probability mass of the stored ids (top-k) or of the distinct sampled ids;
-    entropy: mean teacher entropy in nats over the real vocabulary; teacher_nll: the teacher's
-    mean NLL (nats) of the true next token at those positions (exp of it is its perplexity on
-    the dumped tokens; optional, absent in older caches).
-    """
-
-    positions: int = 0
-    captured_mass: float | None = None
-    entropy: float | None = None
-    teacher_nll: float | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "positions": self.positions,
-            "captured_mass": self.captured_mass,
-            "entropy": self.entropy,
-            **({"teacher_nll": self.teacher_nll} if self.teacher_nll is not None else {}),
-        }
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> Coverage:
-        return cls(**_known(cls, d))
-
-
 @dataclass(frozen=True)
 class Manifest:
     """Everything a reader needs to interpret a cache. See ``docs/format.md``."""
@@ -508,17 +160,15 @@ class Manifest:
     stored_digest: str | None = field(default=None, init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        _need(
-            self.format == FORMAT_NAME, "format", f"expected {FORMAT_NAME!r}, got {self.format!r}"
-        )
-        _need(self.backend in ("zarr", "arrow"), "backend", f"unknown {self.backend!r}")
-        _need(isinstance(self.seq_len, int) and self.seq_len >= 1, "seq_len", "must be >= 1")
-        _need(
+        need(self.format == FORMAT_NAME, "format", f"expected {FORMAT_NAME!r}, got {self.format!r}")
+        need(self.backend in ("zarr", "arrow"), "backend", f"unknown {self.backend!r}")
+        need(isinstance(self.seq_len, int) and self.seq_len >= 1, "seq_len", "must be >= 1")
+        need(
             isinstance(self.vocab_size, int) and self.vocab_size >= 1,
             "vocab_size",
             f"must be >= 1, got {self.vocab_size!r}",
         )
-        _need(
+        need(
             isinstance(self.padded_vocab_size, int)
             and self.vocab_size <= self.padded_vocab_size <= _MAX_VOCAB,
             "padded_vocab_size",
@@ -526,7 +176,7 @@ class Manifest:
             f"got {self.padded_vocab_size!r}",
         )
         codec_vocab = getattr(self.codec, "vocab_size", self.vocab_size)
-        _need(
+        need(
             codec_vocab == self.vocab_size,
             "codec.vocab_size",
             f"{codec_vocab} differs from vocab_size {self.vocab_size}",
@@ -534,12 +184,12 @@ class Manifest:
         _check_codec_agrees(self.targets, self.codec)
         seen: set[str] = set()
         for s in self.shards:
-            _need(s.path not in seen, "shards", f"shard {s.path!r} listed twice")
+            need(s.path not in seen, "shards", f"shard {s.path!r} listed twice")
             seen.add(s.path)
         _check_shard_order(self.shards)
         sums = CoverageSums.total(self.shards)
         if sums is not None and self.coverage != Coverage():
-            _need(
+            need(
                 self.coverage.positions == sums.positions,
                 "coverage.positions",
                 f"is {self.coverage.positions} but the shard records' coverage adds up to "
@@ -636,7 +286,7 @@ class Manifest:
             raise ManifestError(
                 f"not a logitcache manifest: 'format' is {fmt!r}, expected 'logitcache'"
             )
-        version = str(_get(d, "format_version", "manifest"))
+        version = str(require_key(d, "format_version", "manifest"))
         major = version.split(".")[0]
         if major != FORMAT_VERSION.split(".")[0]:
             raise FormatVersionError(
@@ -644,15 +294,15 @@ class Manifest:
                 f"{FORMAT_VERSION.split('.')[0]}.x; install a logitcache release that supports "
                 f"format {major}.x"
             )
-        shards = _get(d, "shards", "manifest")
-        _need(isinstance(shards, list), "shards", "must be a list")
+        shards = require_key(d, "shards", "manifest")
+        need(isinstance(shards, list), "shards", "must be a list")
         m = cls(
-            backend=_get(d, "backend", "manifest"),
-            seq_len=_get(d, "seq_len", "manifest"),
-            vocab_size=_get(d, "vocab_size", "manifest"),
-            padded_vocab_size=_get(d, "padded_vocab_size", "manifest"),
-            targets=TargetsInfo.from_dict(_get(d, "targets", "manifest")),
-            codec=codec_from_dict(_get(d, "codec", "manifest")),
+            backend=require_key(d, "backend", "manifest"),
+            seq_len=require_key(d, "seq_len", "manifest"),
+            vocab_size=require_key(d, "vocab_size", "manifest"),
+            padded_vocab_size=require_key(d, "padded_vocab_size", "manifest"),
+            targets=TargetsInfo.from_dict(require_key(d, "targets", "manifest")),
+            codec=codec_from_dict(require_key(d, "codec", "manifest")),
             shards=tuple(ShardRecord.from_dict(s) for s in shards),
             compression=d.get("compression", {"name": "zstd", "level": 3}),
             teacher=SourceInfo.from_dict(d.get("teacher", {})),
@@ -668,7 +318,7 @@ class Manifest:
         object.__setattr__(m, "stored_digest", d.get("content_digest"))
         for key in ("num_rows", "num_positions", "num_bytes"):
             if key in d:
-                _need(
+                need(
                     d[key] == getattr(m, key),
                     key,
                     f"says {d[key]} but the shards add up to {getattr(m, key)}",
@@ -748,7 +398,7 @@ def _check_shard_order(shards: tuple[ShardRecord, ...]) -> None:
             continue
         p, i = m.group("prefix"), int(m.group("index"))
         if p != prefix:
-            _need(
+            need(
                 p not in done,
                 "shards",
                 f"the shards of {p!r} are not listed together ({s.path!r} comes after others); "
@@ -757,7 +407,7 @@ def _check_shard_order(shards: tuple[ShardRecord, ...]) -> None:
             if prefix is not None:
                 done.add(prefix)
             prefix, expected = p, 0
-        _need(
+        need(
             i == expected,
             "shards",
             f"{s.path!r} is listed where shard number {expected} of {p!r} belongs: records were "
@@ -769,7 +419,7 @@ def _check_shard_order(shards: tuple[ShardRecord, ...]) -> None:
 def _check_codec_agrees(targets: TargetsInfo, codec: TargetCodec) -> None:
     """``targets`` restates a few of the codec's parameters for readers of the JSON; they must
     be the codec's (a manifest edited by hand or by a faulty tool is refused, naming both)."""
-    _need(
+    need(
         codec.name == targets.method,
         "codec.name",
         f"{codec.name!r} does not match targets.method {targets.method!r}",
