@@ -7,7 +7,9 @@
 4. ``logitcache train`` twice, from the same fresh student (a small Llama sharing the teacher's
    tokenizer), the same steps and the same held-out rows: once distilled from the cache, once on
    hard labels only (the true next tokens);
-5. a table and, as the last line, one JSON object with the figures.
+5. where the report of the two runs is (``OUT/report.html``, written when matplotlib is
+   installed, else the command that writes it), a table and, as the last line, one JSON object
+   with the figures.
 
 The student is distilled *only* from the cache: the teacher is never loaded by ``train``. The
 comparison is the held-out KL to the teacher (on the cached top-k plus the tail bucket) and the
@@ -205,8 +207,26 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         "steps": cfg.steps,
     }
     (out / "demo.json").write_text(json.dumps(figures, indent=1))
+    print(_report(out, list(results)), flush=True)
     _print_table(figures, cfg)
     return figures
+
+
+def _report(out: Path, names: list[str]) -> str:
+    """Write the report of the students' runs when matplotlib is installed; either way, the line
+    that says where it is (or how to get it)."""
+    from logitcache.report import report_runs
+    from logitcache.report.plots import require_matplotlib
+
+    runs = [str(out / f"student-{name}") for name in names]
+    page = out / "report.html"
+    command = f"logitcache report {' '.join(runs)} --out {page}"
+    try:
+        require_matplotlib()
+    except ConfigError:
+        return f"report: pip install 'logitcache[report]', then `{command}`"
+    report_runs(runs, page)
+    return f"report: {page} (both students' training curves, overlaid)"
 
 
 def _capture(args: list[str]) -> str:
