@@ -31,6 +31,7 @@ from typing import Any
 import torch
 import torch.utils.data
 
+from logitcache._distributed import resolve_device
 from logitcache.data._packing import prune_rings
 from logitcache.data.collate import PositionSelector, TargetOptions
 from logitcache.data.dataset import CachedLogitDataset, StreamingLogitDataset
@@ -150,9 +151,8 @@ class CachedLogitLoader:
                 verify=verify,
                 storage_options=storage_options,
             )
-        if device is None:
-            device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-        self.device = torch.device(device)
+        # None: the process's own accelerator (cuda:$LOCAL_RANK under torchrun), else the CPU
+        self.device = resolve_device("auto") if device is None else torch.device(device)
         self.num_workers = num_workers
         self.timeout = float(timeout)
         self.background = background

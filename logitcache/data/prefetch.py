@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from logitcache._distributed import resolve_device
 from logitcache.data._packing import materialize
 from logitcache.errors import ConfigError
 
@@ -167,9 +168,8 @@ class DevicePrefetcher:
         background: bool | None = None,
         depth: int = 2,
     ) -> None:
-        if device is None:
-            device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-        self.device = torch.device(device)
+        # None: the process's own accelerator (cuda:$LOCAL_RANK under torchrun), else the CPU
+        self.device = resolve_device("auto") if device is None else torch.device(device)
         self._cuda = self.device.type == "cuda"
         if self._cuda and not torch.cuda.is_available():
             raise ConfigError(f"device {self.device} requested but CUDA is not available")
