@@ -7,7 +7,14 @@ from typing import Any
 
 import click
 
-from logitcache.cli._common import friendly_errors, parse_storage_options, storage_option
+from logitcache.cli._common import (
+    MIB,
+    ConfigCommand,
+    config_option,
+    friendly_errors,
+    parse_storage_options,
+    storage_option,
+)
 from logitcache.transform.layouts import LAYOUTS, Layout
 
 __all__ = ["align_command", "export_command", "import_command", "mix_command"]
@@ -15,7 +22,55 @@ __all__ = ["align_command", "export_command", "import_command", "mix_command"]
 _LAYOUT_HELP = "; ".join(f"{name}: {layout.description}" for name, layout in LAYOUTS.items())
 
 
-@click.command("import")
+_IMPORT_HELP = {
+    "tokenizer": "The teacher's tokenizer (directory): vocabulary size + fingerprint, recorded.",
+    "vocab_size": "Teacher vocabulary size (without --tokenizer, or to override its length).",
+    "teacher": "Teacher name to record in the manifest.",
+    "seq_len": "Tokens per row (default: the longest row of the first batch).",
+    "k": "Entries kept per position (default: the widest position of the first batch).",
+    "input_format": "Container format (parquet, arrow or jsonl), overriding the file extension.",
+    "skip_bad_rows": "Count and skip rows that fail a check instead of stopping at the first.",
+    "values": "How the cache stores the values: sqrt-quantised (~1e-3 nats/position) or floats.",
+    "backend": "Shard format of the new cache.",
+    "compression_level": "zstd level of the shards (1-22; 3 writes ~5x faster, ~10% larger).",
+    "shard_bytes": "Raw shard size to cut at.",
+    "resume": "Continue an interrupted import into --out.",
+    "overwrite": "Replace the cache at --out.",
+}
+
+
+def _import_options() -> list[Any]:
+    """ImportConfig's fields as flags (cli/_common.py), besides the layout's column flags."""
+    from logitcache.format.topk import _VALUE_MODES
+    from logitcache.transform.importer import ImportConfig
+
+    spelling: dict[str, dict[str, Any]] = {
+        "values": {"type": click.Choice(_VALUE_MODES)},
+        "input_format": {"type": click.Choice(["parquet", "arrow", "jsonl"])},
+        "shard_bytes": {"decls": ("--shard-mb",), "unit": ("MiB", MIB)},
+        "skip_bad_rows": {"decls": ("--skip-bad-rows/--no-skip-bad-rows",)},
+    }
+    out = []
+    for name, text in _IMPORT_HELP.items():
+        kw = dict(spelling.get(name, {}))
+        out.append(config_option(ImportConfig, name, *kw.pop("decls", ()), help=text, **kw))
+    return out
+
+
+_COLUMN_FLAGS = (
+    ("input_ids", "input_ids_column"),
+    ("ids", "ids_column"),
+    ("values", "values_column"),
+    ("pairs", "pairs_column"),
+    ("records", "records_column"),
+    ("loss_mask", "loss_mask_column"),
+    ("tail", "tail_column"),
+    ("value_kind", "value_kind"),
+    ("normalized", "normalized"),
+)
+
+
+@click.command("import", cls=ConfigCommand, options=_import_options)
 @click.argument("source")
 @click.option("--out", required=True, help="Cache directory or fsspec URL to write.")
 @click.option(
@@ -33,10 +88,10 @@ _LAYOUT_HELP = "; ".join(f"{name}: {layout.description}" for name, layout in LAY
 @click.option("--loss-mask-column", help="Column of per-position 0/1 (or [k] 0/1) masks.")
 @click.option("--tail-column", help="Column of per-position tail log-probs (exact tail).")
 @click.option(
-    "--values",
+    "--values-are",
     "value_kind",
     type=click.Choice(["logprob", "prob", "logit"]),
-    help="What the values are (overrides the preset).",
+    help="What the source's values are (overrides the preset).",
 )
 @click.option(
     "--normalized/--renormalized",
@@ -44,40 +99,18 @@ _LAYOUT_HELP = "; ".join(f"{name}: {layout.description}" for name, layout in LAY
     help="Values normalised over the whole vocabulary (tail = 1 - sum; the preset's default), or "
     "renormalised over the stored ids (tail unknown).",
 )
-@click.option("--tokenizer", help="The teacher's tokenizer (directory): vocabulary + fingerprint.")
-@click.option("--vocab-size", type=int, help="Teacher vocabulary size, without --tokenizer.")
-@click.option("--teacher", default="unknown", show_default=True, help="Teacher name to record.")
-@click.option("--seq-len", type=int, help="Tokens per row (default: longest of the first batch).")
-@click.option("--k", type=int, help="Entries kept per position (default: widest of the first).")
-@click.option("--input-format", type=click.Choice(["parquet", "arrow", "jsonl"]))
-@click.option("--skip-bad-rows", is_flag=True, help="Count and skip bad rows instead of failing.")
-@click.option("--resume", is_flag=True, help="Continue an interrupted import into --out.")
-@click.option("--overwrite", is_flag=True, help="Replace the cache at --out.")
 @storage_option
 @friendly_errors
 def import_command(source: str, out: str, layout: str, **opts: Any) -> None:
     """Import SOURCE (Parquet, Arrow IPC or JSONL files, a directory, or an fsspec URL) holding
-    per-position top-k teacher ids and values into a new cache at --out."""
+    per-position top-k teacher ids and values into a new cache at --out (docs/interop.md)."""
     from dataclasses import replace
 
     from logitcache.transform.importer import ImportConfig, import_cache
 
-    base = LAYOUTS[layout]
-    overrides = {
-        field: opts.pop(flag)
-        for field, flag in (
-            ("input_ids", "input_ids_column"),
-            ("ids", "ids_column"),
-            ("values", "values_column"),
-            ("pairs", "pairs_column"),
-            ("records", "records_column"),
-            ("loss_mask", "loss_mask_column"),
-            ("tail", "tail_column"),
-            ("value_kind", "value_kind"),
-            ("normalized", "normalized"),
-        )
-    }
+    overrides = {field: opts.pop(flag) for field, flag in _COLUMN_FLAGS}
     changes = {k: v for k, v in overrides.items() if v is not None}
+    base = LAYOUTS[layout]
     if any(k in changes for k in ("ids", "values", "pairs", "records")):
         base = replace(base, ids=None, values=None, pairs=None, records=None)
     if changes.get("value_kind") == "logit":

@@ -126,7 +126,7 @@ LAYOUTS: dict[str, Layout] = {
         value_kind="logit",
         normalized=False,
         description="codys12/LlamaKD: `targets` [S, 2, 32] (ids, values) per row; the values are "
-        "read as logits (tail unknown); pass --values logprob if yours are log-probs",
+        "read as logits (tail unknown); pass --values-are logprob --normalized for log-probs",
     ),
     "rlve": Layout(
         ids="topk_ids",
