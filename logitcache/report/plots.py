@@ -23,6 +23,7 @@ __all__ = [
     "MISSING_MATPLOTLIB",
     "cache_figures",
     "draw_run_figures",
+    "png_bytes",
     "require_matplotlib",
     "run_figures",
 ]
@@ -44,7 +45,7 @@ def require_matplotlib() -> Any:
     return Figure
 
 
-def _png(fig: Any) -> bytes:
+def png_bytes(fig: Any) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=_DPI, bbox_inches="tight")
     return buf.getvalue()
@@ -74,7 +75,7 @@ def _mass_figure(figure: Any, s: CacheStats) -> bytes | None:
         left.legend(loc="upper left")
     if c is None:
         right.set_axis_off()
-        return _png(fig)
+        return png_bytes(fig)
     k = np.arange(1, c.k + 1)
     right.plot(k, c.mass_mean, label="mean")
     right.plot(k, c.mass_median, label="median")
@@ -97,7 +98,7 @@ def _mass_figure(figure: Any, s: CacheStats) -> bytes | None:
     right.set_ylim(0, 1.02)
     right.grid(alpha=0.3)
     right.legend(loc="lower right")
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def _fidelity_figure(figure: Any, s: CacheStats) -> bytes | None:
@@ -120,7 +121,7 @@ def _fidelity_figure(figure: Any, s: CacheStats) -> bytes | None:
     left.set_xscale("log", base=2)
     left.set_title("KL(reference || top-k' + tail bucket)")
     right.set_title("the same vs stored size")
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def _distribution_figure(figure: Any, s: CacheStats) -> bytes:
@@ -158,7 +159,7 @@ def _distribution_figure(figure: Any, s: CacheStats) -> bytes:
             "unique ids",
             np.arange(0.5, top + 1.5),
         )
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def _bytes_figure(figure: Any, s: CacheStats) -> bytes:
@@ -176,7 +177,7 @@ def _bytes_figure(figure: Any, s: CacheStats) -> bytes:
     right.set_xlabel("shard (manifest order)")
     right.set_ylabel("bytes/token")
     right.set_title(f"bytes/token per shard ({len(per)} shard{'s' if len(per) != 1 else ''})")
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def cache_figures(s: CacheStats) -> dict[str, bytes]:
@@ -206,7 +207,7 @@ def _eval_metrics(runs: Sequence[RunLog]) -> list[str]:
 
 def run_figures(runs: Sequence[RunLog]) -> dict[str, bytes]:
     """Name -> PNG bytes of the figures of one or more training runs (curves overlaid)."""
-    return {name: _png(fig) for name, fig in draw_run_figures(runs).items()}
+    return {name: png_bytes(fig) for name, fig in draw_run_figures(runs).items()}
 
 
 def draw_run_figures(runs: Sequence[RunLog]) -> dict[str, Any]:
