@@ -35,7 +35,9 @@ ids, stored as ``tail_logprob``).
 top-1 probability among them and an unbiased entropy estimate ``sum_u (c_u / n) (-log p_u)`` when
 log-probs are stored; without them the top-1 is the most drawn id's share of the n draws.
 
-Speed (scripts/bench_report.py, 2 shared CPU cores, top-64, vocab 49k): see docs/report.md.
+Speed (scripts/bench_report.py, 2 shared CPU cores, top-64, vocab 49k, 128 MiB shards): 1M
+positions (2 shards) in 6.3 s, 10M (1M read from 2 of 15 shards) in 5.9 s, ratio 0.94; decoding
+the sampled shards is the time, the figures and page add well under a second.
 """
 
 from __future__ import annotations
