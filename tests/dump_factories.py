@@ -8,6 +8,10 @@ mid-way. ``nan``: one output row of the head is NaN, so every logit vector holds
 (``os._exit``, like a SIGKILL: no cleanup, the lock stays) at the moment it would write the
 manifest or its part's completion marker, i.e. right after its last shard and progress record
 were committed: a deterministic kill point at the last moment of a dump.
+
+Run as a script (``python tests/dump_factories.py dump ...``, e.g. as torchrun's entry), it is
+the ``logitcache`` CLI with that hook installed: for teachers that are not factories (a
+tensor-parallel dump loads a Hugging Face directory).
 """
 
 from __future__ import annotations
@@ -57,3 +61,10 @@ def nan() -> tuple[Any, Any]:
     with torch.no_grad():
         model.lm_head.weight[5] = float("nan")
     return model, tok
+
+
+if __name__ == "__main__":
+    _exit_before_manifest()
+    from logitcache.cli import cli
+
+    cli()

@@ -62,6 +62,9 @@ _HELP = {
     "pass over the data).",
     "quick_fingerprint": "Fingerprint input files by path, size and mtime instead of hashing "
     "their bytes.",
+    "tensor_parallel": "Shard one teacher over this many torchrun processes (its Hugging Face "
+    "tensor-parallel plan; the output head by vocabulary). The processes form "
+    "nproc/T data-parallel groups; see docs/dump.md.",
 }
 
 

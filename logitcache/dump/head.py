@@ -128,3 +128,99 @@ def split_head(
             stacklevel=3,
         )
         return None
+
+
+@dataclass(eq=False)
+class ShardedHead(SplitHead):
+    """This rank's vocabulary shard of a tensor-parallel head: global ids ``offset ..
+    offset + weight.shape[0]`` (real ids only; padded rows dropped), ``width`` the widest shard
+    of the group (every rank chunks by it, so the collectives line up), ``group`` the
+    tensor-parallel process group."""
+
+    offset: int
+    width: int
+    group: Any
+    tp_rank: int
+    tp_size: int
+
+
+def split_sharded_head(
+    model: torch.nn.Module,
+    real_vocab: int,
+    probe: torch.Tensor,
+    reference: torch.Tensor,
+    group: Any,
+) -> ShardedHead:
+    """The local shard of a head that Hugging Face's tensor-parallel plan sharded by vocabulary
+    (``colwise``: the weight is a DTensor placed ``Shard(0)``), probed against ``reference`` (the
+    gathered full logits on ``probe``). Every rank of ``group`` raises together when one fails."""
+    import torch.distributed as dist
+
+    from logitcache.errors import TeacherError
+
+    rank, size = dist.get_rank(group), dist.get_world_size(group)
+    problem = ""
+    head: ShardedHead | None = None
+    try:
+        out_emb = model.get_output_embeddings()  # type: ignore[operator]
+        base = model.get_decoder()  # type: ignore[operator]
+        weight: Any = getattr(out_emb, "weight", None)
+        placements = tuple(getattr(weight, "placements", ()))
+        by_vocab = len(placements) == 1 and getattr(placements[0], "dim", None) == 0
+        if base is None or weight is None or not by_vocab or not hasattr(weight, "to_local"):
+            raise TypeError(f"output head weight placed {placements or 'whole'}, not Shard(dim=0)")
+        local = weight.to_local()
+        bias = getattr(out_emb, "bias", None)
+        local_bias = bias.to_local() if bias is not None and hasattr(bias, "to_local") else None
+    except Exception as e:
+        problem = str(e)
+        local, local_bias, base = torch.zeros(0, 1), None, None
+    rows = torch.tensor([local.shape[0]], dtype=torch.int64)
+    sizes = [torch.zeros_like(rows) for _ in range(size)]
+    dist.all_gather(sizes, rows, group=group)  # CPU tensors: gloo (also beside NCCL)
+    widths = [int(s.item()) for s in sizes]
+    offset = sum(widths[:rank])
+    n_real = max(0, min(widths[rank], real_vocab - offset))
+    if not problem:
+        config = getattr(model, "config", None)
+        scale = None
+        if getattr(config, "logit_scale", None) is not None:
+            scale = float(config.logit_scale)  # type: ignore[union-attr]
+        if getattr(config, "logits_scaling", None) is not None:
+            scale = (scale or 1.0) / float(config.logits_scaling)  # type: ignore[union-attr]
+        softcap = getattr(config, "final_logit_softcapping", None)
+        head = ShardedHead(
+            base,
+            local[:n_real],
+            None if local_bias is None else local_bias[:n_real],
+            scale,
+            float(softcap) if softcap else None,
+            offset=offset,
+            width=max(widths),
+            group=group,
+            tp_rank=rank,
+            tp_size=size,
+        )
+        with torch.no_grad():
+            mine = head.logits(head.hidden_states(probe, torch.ones_like(probe)))
+        want = reference[..., offset : offset + n_real].float()
+        tol = (1e-4 if local.dtype == torch.float32 else 3e-2) * (1 + _amax(want))
+        if sum(widths) != reference.shape[-1]:
+            problem = f"the shards hold {sum(widths)} rows, the model outputs {reference.shape[-1]}"
+        elif mine.shape != want.shape or _amax(mine - want) > tol:
+            problem = "the sharded head's logits differ from the model's own logits"
+    failed = torch.tensor([1 if problem else 0], dtype=torch.int64)
+    dist.all_reduce(failed, group=group)
+    if problem or int(failed.item()) or head is None:
+        raise TeacherError(
+            "cannot use this teacher with --tensor-parallel: its output head could not be split "
+            f"into vocabulary shards ({problem or 'on another rank of the group'}); the sparsify "
+            "needs the head sharded by vocabulary (a 'colwise' lm_head in the model's TP plan). "
+            "Dump without --tensor-parallel (on a device it fits), or use a model whose TP plan "
+            "shards lm_head colwise"
+        )
+    return head
+
+
+def _amax(x: torch.Tensor) -> float:
+    return float(x.abs().max()) if x.numel() else 0.0

@@ -16,8 +16,18 @@ first row is produced (data empty after tokenisation). Only then does the device
 configuration and names the field): teacher name/revision/weights sha256, tokenizer fingerprint,
 dataset fingerprint (input bytes + row recipe: seq_len, packing, format, column), seq_len, both
 vocab sizes, targets (method, k or samples, temperatures), codec (value mode, levels), backend,
-compression level, and ``extra.dump``: seed (sampling), dtype and world size. Batch size, device
-and chunk size are not part of it: a resume may change them (after an out-of-memory, say).
+compression level, and ``extra.dump``: seed (sampling), dtype and world size (the number of
+writers). Batch size, device and chunk size are not part of it: a resume may change them (after
+an out-of-memory, say). Nor is ``extra.dump.run`` (tensor-parallel degree, data-parallel groups,
+processes, the teacher's parameter bytes on a rank): how the dump ran, recorded for information.
+
+**Tensor parallel** (``--tensor-parallel T`` under torchrun, :class:`ParallelLayout`): ``W`` ranks
+are ``W/T`` data-parallel groups of ``T``; a group loads one teacher sharded by its TP plan
+(:mod:`logitcache.dump.teacher`) and sparsifies without full logits
+(:mod:`logitcache.dump.tp_sparsify`). Rows, parts, ``world_size`` in the header and the resume
+point are those of the data-parallel index: a ``T=2`` dump on 2 processes writes the same cache
+as one process (one writer, no parts), and may be resumed with another ``T``. Only the group's
+tensor-parallel rank 0 opens a writer; it tells the others where a resume starts.
 
 **Resume.** Each writer (one per rank) knows how many rows its committed shards hold. The dump
 restarts at the start of the batch that row falls in and drops the already-written rows after
@@ -39,10 +49,17 @@ import os
 import time
 import warnings
 from collections.abc import Iterator, Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from logitcache._distributed import RankGroup, RankInfo, rank_info
+from logitcache._distributed import (
+    ParallelLayout,
+    RankGroup,
+    RankInfo,
+    rank_info,
+    resolve_device,
+)
 from logitcache.dump.inputs import (
     InputOptions,
     Row,
@@ -114,6 +131,7 @@ class DumpConfig:
     queue_depth: int = 4
     count_rows: bool = True
     quick_fingerprint: bool = False
+    tensor_parallel: int = 1
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -128,7 +146,8 @@ class DumpConfig:
             object.__setattr__(self, "method", "sampled")
         if self.method not in ("topk", "sampled"):
             raise ConfigError(f"method must be 'topk' or 'sampled', got {self.method!r}")
-        for name in ("batch_size", "queue_depth", "k", "samples", "chunk_bytes", "shard_bytes"):
+        sizes = ("batch_size", "queue_depth", "k", "samples", "chunk_bytes", "shard_bytes")
+        for name in (*sizes, "tensor_parallel"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.backend not in ("zarr", "arrow"):
@@ -204,20 +223,25 @@ class DumpResult:
 def run_dump(config: DumpConfig) -> DumpResult:
     """Run the teacher over the data and write the cache (this rank's share under torchrun)."""
     info = rank_info()
-    check_output(
-        config.out,
-        overwrite=config.overwrite,
-        resume=config.resume,
-        part=rank_part(info),
-        storage_options=config.storage_options,
-        break_lock=config.break_lock,
-        force_overwrite_non_cache=config.force_overwrite_non_cache,
-    )
+    layout = ParallelLayout(info.rank, info.world_size, config.tensor_parallel)
+    writers = layout.writer  # the rows' split: data-parallel index of data-parallel size
+    if layout.writes:
+        check_output(
+            config.out,
+            overwrite=config.overwrite,
+            resume=config.resume,
+            part=rank_part(writers),
+            storage_options=config.storage_options,
+            break_lock=config.break_lock,
+            force_overwrite_non_cache=config.force_overwrite_non_cache,
+        )
     options = config.input_options()
     data_fp = dataset_fingerprint(config.data, options, quick=config.quick_fingerprint)
-    group = RankGroup(info)  # under torchrun: a rendezvous, so every rank passed the checks above
+    device = resolve_device(config.device)
+    # under torchrun: a rendezvous, so every rank passed the checks above
+    group = RankGroup(info, layout, device)
     try:
-        if info.world_size > 1 and config.overwrite and not group.active:
+        if writers.world_size > 1 and config.overwrite and not group.active:
             raise ConfigError(
                 "--overwrite with several ranks needs torchrun (rank 0 clears the output while "
                 "the others wait); clear the output yourself, or launch with torchrun"
@@ -228,12 +252,13 @@ def run_dump(config: DumpConfig) -> DumpResult:
             tokenizer=config.tokenizer,
             dtype=config.dtype,
             device=config.device,
+            group=group,
         )
         _check_teacher(config, teacher)
-        rows = _rank_rows(config, teacher, options, info)
-        total = _count_rows(config, teacher, options, info) if config.count_rows else None
-        header = _header(config, teacher, data_fp, info)
-        if info.world_size > 1 and config.overwrite:
+        rows = _rank_rows(config, teacher, options, writers)
+        total = _count_rows(config, teacher, options, writers) if config.count_rows else None
+        header = _header(config, teacher, data_fp, writers, layout)
+        if writers.world_size > 1 and config.overwrite:
             if info.rank == 0:
                 check_output(
                     config.out,
@@ -243,12 +268,12 @@ def run_dump(config: DumpConfig) -> DumpResult:
                     force_overwrite_non_cache=config.force_overwrite_non_cache,
                 )
             group.barrier()  # nobody writes before rank 0 has cleared the old cache
-        result = _run(config, teacher, header, rows, total, info)
-        manifest = result.manifest if info.world_size == 1 else None
+        result = _run(config, teacher, header, rows, total, layout, group)
+        manifest = result.manifest if writers.world_size == 1 else None
         if info.world_size > 1:
             group.barrier()
-            if info.rank == 0 and group.active:
-                manifest = finalize_dump(config.out, info.world_size, config.storage_options)
+            if info.rank == 0 and group.active and writers.world_size > 1:
+                manifest = finalize_dump(config.out, writers.world_size, config.storage_options)
         return DumpResult(
             manifest=manifest,
             rank=info.rank,
@@ -265,7 +290,7 @@ def run_dump(config: DumpConfig) -> DumpResult:
 
 @dataclass(frozen=True)
 class _RunResult:
-    manifest: Manifest
+    manifest: Manifest | None  # None on the ranks that do not write
     rows: int
     resumed_rows: int
     seconds: float
@@ -278,29 +303,34 @@ def _run(
     header: CacheHeader,
     rows: Iterator[Row],
     total: int | None,
-    info: RankInfo,
+    layout: ParallelLayout,
+    group: RankGroup,
 ) -> _RunResult:
     """The loop: forward + sparsify here, encode + write in the background thread."""
-    writer = CacheWriter(
-        config.out,
-        header,
-        shard_bytes=config.shard_bytes,
-        overwrite=config.overwrite and info.world_size == 1,
-        force_overwrite_non_cache=config.force_overwrite_non_cache,
-        resume=config.resume,
-        part=rank_part(info),
-        storage_options=config.storage_options,
-        break_lock=config.break_lock,
-    )
+    writers = layout.writer
+    writer = None
+    if layout.writes:
+        writer = CacheWriter(
+            config.out,
+            header,
+            shard_bytes=config.shard_bytes,
+            overwrite=config.overwrite and writers.world_size == 1,
+            force_overwrite_non_cache=config.force_overwrite_non_cache,
+            resume=config.resume,
+            part=rank_part(writers),
+            storage_options=config.storage_options,
+            break_lock=config.break_lock,
+        )
     sparsify = config.sparsify_config()
-    with writer:
-        done = writer.resumed_rows
+    with writer if writer is not None else nullcontext():
+        # the group's writer knows the resume point; its tensor-parallel peers start there too
+        done = group.broadcast_from_writer(writer.resumed_rows if writer is not None else 0)
         aligned = done - done % config.batch_size
         drop = done - aligned
         progress = Progress(
-            total, config.seq_len, done=aligned, enabled=config.progress and info.rank == 0
+            total, config.seq_len, done=aligned, enabled=config.progress and layout.rank == 0
         )
-        background = BackgroundWriter(writer, config.queue_depth)
+        background = BackgroundWriter(writer, config.queue_depth) if writer is not None else None
         computed = 0
         start = time.perf_counter()
         source = iter_batches(itertools.islice(rows, aligned, None), config.batch_size)
@@ -319,7 +349,8 @@ def _run(
                 )
                 batch, sparse = drop_leading_rows(batch, sparse, drop)
                 drop = 0
-                background.put(batch, sparse)
+                if background is not None:
+                    background.put(batch, sparse)
                 computed += len(batch.row_ids)
                 progress.update(len(batch.row_ids))
             if drop:
@@ -328,16 +359,19 @@ def _run(
                     f"rank but the input gives fewer; the input data changed "
                     "since the interrupted run (rerun with the original data, or --overwrite)"
                 )
-            background.close()
+            if background is not None:
+                background.close()
         except BaseException:
-            background.abandon()
+            if background is not None:
+                background.abandon()
             raise
         finally:
             batches.close()  # stops the reader thread, also when the loop failed
             progress.close()
-        manifest = writer.commit()
+        manifest = writer.commit() if writer is not None else None
     seconds = time.perf_counter() - start
-    return _RunResult(manifest, computed, done, seconds, background.busy_seconds)
+    busy = background.busy_seconds if background is not None else 0.0
+    return _RunResult(manifest, computed, done, seconds, busy)
 
 
 def _check_teacher(config: DumpConfig, teacher: Teacher) -> None:
@@ -388,7 +422,10 @@ def _codec(config: DumpConfig, vocab: int) -> tuple[TargetCodec, TargetsInfo]:
     return codec, TargetsInfo("sampled", samples=config.samples, tail="none", temperatures=temps)
 
 
-def _header(config: DumpConfig, teacher: Teacher, data_fp: str, info: RankInfo) -> CacheHeader:
+def _header(
+    config: DumpConfig, teacher: Teacher, data_fp: str, info: RankInfo, layout: ParallelLayout
+) -> CacheHeader:
+    """The cache's header; ``info`` is the writers' split (data-parallel index and size)."""
     codec, targets = _codec(config, teacher.real_vocab_size)
     ident = teacher.identity
     tok = teacher.tokenizer
@@ -408,6 +445,12 @@ def _header(config: DumpConfig, teacher: Teacher, data_fp: str, info: RankInfo) 
     }
     if config.method == "sampled":
         options["seed"] = config.seed
+    options["run"] = {  # information only: not part of the cache's identity (store/header.py)
+        "tensor_parallel": layout.tensor_parallel,
+        "data_parallel": layout.data_parallel,
+        "processes": layout.world_size,
+        "teacher_parameter_bytes_per_rank": teacher.parameter_bytes(),
+    }
     return CacheHeader(
         codec=codec,
         targets=targets,

@@ -365,25 +365,18 @@ def sparsify_batch(
     row_ids: np.ndarray | torch.Tensor,
     config: SparsifyConfig,
 ) -> SparseBatch:
-    """Run the teacher on [B, S] right-padded rows; sparse targets at ``loss_mask`` positions."""
+    """Run the teacher on [B, S] right-padded rows; sparse targets at ``loss_mask`` positions.
+
+    A tensor-parallel teacher (:attr:`Teacher.sharded_head`) goes through
+    :func:`logitcache.dump.tp_sparsify.sparsify_batch_tp`: same results, no full vocabulary."""
+    if teacher.sharded_head is not None:
+        from logitcache.dump.tp_sparsify import sparsify_batch_tp
+
+        return sparsify_batch_tp(teacher, input_ids, loss_mask, row_ids, config)
+    ids, mask, rows, b_idx, t_idx, pos_rows, labels = prepare_positions(
+        teacher, input_ids, loss_mask, row_ids
+    )
     dev = teacher.device
-    ids = torch.as_tensor(np.asarray(input_ids), dtype=torch.long).to(dev)
-    mask = torch.as_tensor(np.asarray(loss_mask), dtype=torch.bool).to(dev)
-    rows = torch.as_tensor(np.asarray(row_ids), dtype=torch.long)
-    if ids.ndim != 2 or mask.shape != ids.shape or rows.shape != (ids.shape[0],):
-        raise ConfigError(
-            f"expected input_ids/loss_mask [B, S] and row_ids [B], got "
-            f"{tuple(ids.shape)}, {tuple(mask.shape)}, {tuple(rows.shape)}"
-        )
-    if teacher.max_seq_len is not None and ids.shape[1] > teacher.max_seq_len:
-        raise ConfigError(
-            f"seq_len {ids.shape[1]} exceeds the teacher's context {teacher.max_seq_len}"
-        )
-    b_idx, t_idx = mask.nonzero(as_tuple=True)
-    pos_rows = rows.to(dev)[b_idx]
-    # the true next token of each position (none at a row's last position)
-    has_label = t_idx + 1 < ids.shape[1]
-    labels = torch.where(has_label, ids[b_idx, (t_idx + 1).clamp(max=ids.shape[1] - 1)], -1)
     vocab = teacher.real_vocab_size
     with torch.no_grad():
         n = int(b_idx.shape[0])
@@ -406,6 +399,47 @@ def sparsify_batch(
             )
             for lo in range(0, n, step)
         ]
+    return finish_batch(parts, rows, mask, pos_rows, config)
+
+
+def prepare_positions(
+    teacher: Teacher,
+    input_ids: np.ndarray | torch.Tensor,
+    loss_mask: np.ndarray | torch.Tensor,
+    row_ids: np.ndarray | torch.Tensor,
+) -> tuple[torch.Tensor, ...]:
+    """Checked device tensors: ids, mask [B, S], rows [B] (host), then per selected position
+    (row-major) its batch index, position, row id and true next token (-1 at a row's end)."""
+    dev = teacher.device
+    ids = torch.as_tensor(np.asarray(input_ids), dtype=torch.long).to(dev)
+    mask = torch.as_tensor(np.asarray(loss_mask), dtype=torch.bool).to(dev)
+    rows = torch.as_tensor(np.asarray(row_ids), dtype=torch.long)
+    if ids.ndim != 2 or mask.shape != ids.shape or rows.shape != (ids.shape[0],):
+        raise ConfigError(
+            f"expected input_ids/loss_mask [B, S] and row_ids [B], got "
+            f"{tuple(ids.shape)}, {tuple(mask.shape)}, {tuple(rows.shape)}"
+        )
+    if teacher.max_seq_len is not None and ids.shape[1] > teacher.max_seq_len:
+        raise ConfigError(
+            f"seq_len {ids.shape[1]} exceeds the teacher's context {teacher.max_seq_len}"
+        )
+    b_idx, t_idx = mask.nonzero(as_tuple=True)
+    pos_rows = rows.to(dev)[b_idx]
+    # the true next token of each position (none at a row's last position)
+    has_label = t_idx + 1 < ids.shape[1]
+    labels = torch.where(has_label, ids[b_idx, (t_idx + 1).clamp(max=ids.shape[1] - 1)], -1)
+    return ids, mask, rows, b_idx, t_idx, pos_rows, labels
+
+
+def finish_batch(
+    parts: list[ChunkResult],
+    rows: torch.Tensor,
+    mask: torch.Tensor,
+    pos_rows: torch.Tensor,
+    config: SparsifyConfig,
+) -> SparseBatch:
+    """Check every position is finite (else raise naming the rows), then move to the host."""
+    dev = mask.device
     finite = torch.cat([p.finite for p in parts]) if parts else torch.ones(0, dtype=torch.bool)
     if not bool(finite.all()):
         bad = sorted({int(r) for r in pos_rows[~finite.to(dev)].cpu().tolist()})

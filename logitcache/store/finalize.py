@@ -22,7 +22,7 @@ from logitcache.format.manifest import (
 )
 from logitcache.store._fs import Location, open_location
 from logitcache.store._lock import WriterLock
-from logitcache.store.header import PARTS_DIR, WRITTEN_FIELDS
+from logitcache.store.header import PARTS_DIR, WRITTEN_FIELDS, drop_run_info
 
 __all__ = ["finalize_cache"]
 
@@ -64,7 +64,7 @@ def _finalize(loc: Location, url: str, parts: Sequence[str]) -> Manifest:
     skip = WRITTEN_FIELDS - {"created_by"}
 
     def header(m: Manifest) -> dict[str, Any]:
-        return {k: v for k, v in m.to_dict().items() if k not in skip}
+        return drop_run_info({k: v for k, v in m.to_dict().items() if k not in skip})
 
     for p, m in zip(parts[1:], manifests[1:], strict=True):
         changed = first_difference(header(manifests[0]), header(m))

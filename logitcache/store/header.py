@@ -105,4 +105,15 @@ class CacheHeader:
         d = self.manifest((), Coverage()).to_dict()
         for k in WRITTEN_FIELDS:
             d.pop(k, None)
-        return d
+        return drop_run_info(d)
+
+
+def drop_run_info(d: dict[str, Any]) -> dict[str, Any]:
+    """``d`` without ``extra.dump.run``: how a dump ran (ranks, tensor parallel), information
+    only, so a cache resumed or finalized with another layout continues (its targets are the
+    same)."""
+    dump = (d.get("extra") or {}).get("dump")
+    if isinstance(dump, dict) and "run" in dump:
+        rest = {k: v for k, v in dump.items() if k != "run"}
+        d = {**d, "extra": {**d["extra"], "dump": rest}}
+    return d
