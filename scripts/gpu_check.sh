@@ -24,8 +24,10 @@
 # /tmp/gpu_check.
 #
 # Steps and their own time limits (seconds; one hang does not eat the others' time):
-#   setup 90, bench_dump 150, bench_loader 105, bench_loss 60, bench_fsdp 90, pytest -k cuda 75
-#   (570 at most)
+#   setup 90, bench_dump 150, bench_dump_tp 30, bench_loader 105, bench_loss 60, bench_fsdp 90,
+#   pytest -k cuda 75 (600 at most). bench_dump_tp: --tensor-parallel 3 (SmolLM2's 9 heads / 3 KV
+#   heads divide by 3 only) on 3 GPUs when there are, else on the CPU at toy sizes (one GPU cannot
+#   hold several NCCL ranks): a check that the TP path runs there, not the GPU figure.
 # GPU_CHECK_DEVICE=cpu runs the same steps at toy sizes without a GPU: a dry run of this script.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -168,12 +170,21 @@ TEACHER=$(cat "$WORK/teacher_path" 2>/dev/null || echo "")
 if [ "$DEVICE" = cuda ]; then
   step bench_dump 150 "$VPY" scripts/bench_dump.py --teacher "$TEACHER" --device cuda \
     --batch-size 32 --seq-len 1024 --batches 8
+  if [ "$("$VPY" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null)" -ge 3 ]; then
+    step bench_dump_tp 30 "$VPY" scripts/bench_dump.py --teacher "$TEACHER" --device cuda \
+      --tensor-parallel 3 --batch-size 8 --seq-len 512 --batches 2 --repeats 1
+  else
+    step bench_dump_tp 30 "$VPY" scripts/bench_dump.py --teacher "$TEACHER" --device cpu \
+      --tensor-parallel 3 --batch-size 2 --seq-len 64 --batches 1 --repeats 1
+  fi
   step bench_loader 105 "$VPY" scripts/bench_loader.py --device cuda
   step bench_loss 60 "$VPY" scripts/bench_loss.py --device cuda
   step bench_fsdp 90 "$VPY" scripts/bench_fsdp.py --device cuda
 else  # the dry run: the same steps at toy sizes, to test this script without a GPU
   step bench_dump 150 "$VPY" scripts/bench_dump.py --teacher "$TEACHER" --device cpu \
     --batch-size 2 --seq-len 64 --batches 1 --repeats 1
+  step bench_dump_tp 30 "$VPY" scripts/bench_dump.py --teacher "$TEACHER" --device cpu \
+    --tensor-parallel 3 --batch-size 2 --seq-len 64 --batches 1 --repeats 1
   step bench_loader 105 "$VPY" scripts/bench_loader.py --device cpu --rows 16 --epochs 1 \
     --train-steps 2
   step bench_loss 60 "$VPY" scripts/bench_loss.py --device cpu --tokens 128 --hidden 32 \
@@ -201,6 +212,9 @@ summary = {
     "dump_overhead_ratio": fig("bench_dump", "dump_overhead_ratio"),
     "sparsify_overhead_ratio": fig("bench_dump", "sparsify_overhead_ratio"),
     "teacher_tokens_per_s": fig("bench_dump", "teacher_tokens_per_s"),
+    "tp_topk_id_agreement": fig("bench_dump_tp", "tp_topk_id_agreement"),
+    "tp_dump_overhead_ratio": fig("bench_dump_tp", "tp_dump_overhead_ratio"),
+    "tp_param_bytes_per_rank_ratio": fig("bench_dump_tp", "tp_param_bytes_per_rank_ratio"),
     "loader_positions_per_s_1worker": fig("bench_loader", "loader_positions_per_s_1worker"),
     "loader_vs_raw": fig("bench_loader", "loader_vs_raw"),
     "fused_mem_ratio_v131072": fig("bench_loss", "mem_ratio_v131072"),
