@@ -190,3 +190,29 @@ def test_refuses_indivisible_heads_and_a_model_without_tp_plan(
         proc = torchrun(2, [*args, "--device", "cpu"])
         assert proc.returncode != 0 and message in proc.stderr + proc.stdout, proc.stderr[-3000:]
         assert not (tmp_path / teacher.name / "c" / "manifest.json").exists()
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("method", ["topk", "sampled"])
+def test_three_uneven_shards_one_holding_only_padded_rows(
+    tmp_path: Path, tiny_tokenizer: Any, text_data: Path, method: str
+) -> None:
+    """Vocab 481 over T=3: shards of 161/161/159 rows, the tokenizer's 300 ids end in shard 1,
+    so shard 2 holds padded rows only (no candidates, no mass, never a draw's owner)."""
+    teacher = tmp_path / "teacher"
+    shape = dict(vocab_size=481, hidden_size=48, intermediate_size=96, num_attention_heads=6,
+                 num_key_value_heads=3)  # fmt: skip
+    build_tiny_llama(**shape).save_pretrained(teacher)
+    tiny_tokenizer.save_pretrained(teacher)
+    extra = ("--method", "sampled", "--samples", "16") if method == "sampled" else ()
+    run_cli(*dump_args(teacher, text_data, tmp_path / "t1", *OPTS, *extra))
+    tp_dump(tmp_path / "t3", teacher, text_data, 3, 3, *extra)
+    if method == "topk":
+        _compare_topk(tmp_path / "t1", tmp_path / "t3")
+        return
+    a, b = load_cache(tmp_path / "t1"), load_cache(tmp_path / "t3")
+    draws = [(np.repeat(a[r].targets.ids, a[r].targets.counts),
+              np.repeat(b[r].targets.ids, b[r].targets.counts)) for r in a]  # fmt: skip
+    same = sum(int((x == y).sum()) for x, y in draws)
+    assert same / sum(x.size for x, _ in draws) >= 0.999
+    assert max(int(y.max()) for _, y in draws) < 300  # never a padded id
