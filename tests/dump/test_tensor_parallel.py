@@ -216,3 +216,25 @@ def test_three_uneven_shards_one_holding_only_padded_rows(
     same = sum(int((x == y).sum()) for x, y in draws)
     assert same / sum(x.size for x, _ in draws) >= 0.999
     assert max(int(y.max()) for _, y in draws) < 300  # never a padded id
+
+
+@pytest.mark.dist
+def test_a_tensor_parallel_dump_resumes_with_another_degree(
+    tmp_path: Path, tiny_teacher_dir: Path, text_data: Path, caches: dict[str, Path]
+) -> None:
+    """T is how the dump ran, not what it holds: a T=2 dump killed at the manifest is finished
+    by one process (T=1), and the cache equals the uninterrupted T=2 one but for extra.dump.run."""
+    cut = tmp_path / "cut"
+    args = dump_args(tiny_teacher_dir, text_data, cut, *OPTS)
+    entry = (str(TESTS / "dump_factories.py"),)
+    proc = torchrun(2, [*args, "--tensor-parallel", "2"], entry,
+                    LOGITCACHE_TEST_EXIT_BEFORE_MANIFEST="0")  # fmt: skip
+    assert proc.returncode != 0 and not (cut / "manifest.json").exists()
+    result = run_cli(*args, "--resume")
+    assert "rows resumed" in result.output
+    want, got = manifest(caches["t2"]), manifest(cut)
+    assert got["extra"]["dump"].pop("run")["tensor_parallel"] == 1
+    assert want["extra"]["dump"].pop("run")["tensor_parallel"] == 2
+    for m in (want, got):
+        m.pop("created_at")
+    assert got == want
