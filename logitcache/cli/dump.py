@@ -65,6 +65,10 @@ _HELP = {
     "tensor_parallel": "Shard one teacher over this many torchrun processes (its Hugging Face "
     "tensor-parallel plan; the output head by vocabulary). The processes form "
     "nproc/T data-parallel groups; see docs/dump.md.",
+    "device_map": "auto: spread one teacher over the visible GPUs, then CPU RAM, then disk "
+    "(Accelerate's big-model inference; slow where offloaded, exact).",
+    "max_memory": "With --device-map auto: the memory each device may hold, e.g. "
+    "'0=20GiB,1=20GiB,cpu=60GiB' (the rest goes to disk).",
 }
 
 

@@ -51,6 +51,8 @@ class SplitHead:
     bias: torch.Tensor | None
     scale: float | None
     softcap: float | None
+    # an offloaded head (weight on meta, brought in by Accelerate's hooks) runs as its module
+    module: torch.nn.Module | None = None
 
     def hidden_states(self, ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
         out = forward_hidden(self.base, ids, attention)
@@ -59,7 +61,9 @@ class SplitHead:
     def logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """float32 logits [N, real_vocab]; written into ``out`` ([N, real_vocab] float32) when
         given and the head is float32 (a reused buffer saves a large allocation per chunk)."""
-        if out is not None and self.weight.dtype == hidden.dtype == out.dtype == torch.float32:
+        if self.module is not None:
+            z = self.module(hidden)[..., : self.weight.shape[0]].float()
+        elif out is not None and self.weight.dtype == hidden.dtype == out.dtype == torch.float32:
             z = torch.mm(hidden, self.weight.t(), out=out)
             if self.bias is not None:
                 z.add_(self.bias)
@@ -107,12 +111,14 @@ def split_head(
         if getattr(config, "logits_scaling", None) is not None:  # Granite: divide
             scale = (scale or 1.0) / float(config.logits_scaling)  # type: ignore[union-attr]
         softcap = getattr(config, "final_logit_softcapping", None)
+        offloaded = weight.device.type == "meta"
         head = SplitHead(
             base,
             weight[:real_vocab],
-            bias[:real_vocab] if isinstance(bias, torch.Tensor) else None,
+            bias[:real_vocab] if isinstance(bias, torch.Tensor) and not offloaded else None,
             scale,
             float(softcap) if softcap else None,
+            out_emb if offloaded else None,
         )
         with torch.no_grad():
             mine = head.logits(head.hidden_states(probe, torch.ones_like(probe)))
@@ -130,7 +136,7 @@ def split_head(
         return None
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, kw_only=True)
 class ShardedHead(SplitHead):
     """This rank's vocabulary shard of a tensor-parallel head: global ids ``offset ..
     offset + weight.shape[0]`` (real ids only; padded rows dropped), ``width`` the widest shard

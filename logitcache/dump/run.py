@@ -132,6 +132,8 @@ class DumpConfig:
     count_rows: bool = True
     quick_fingerprint: bool = False
     tensor_parallel: int = 1
+    device_map: Literal["auto"] | None = None
+    max_memory: str | None = None
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -150,6 +152,12 @@ class DumpConfig:
         for name in (*sizes, "tensor_parallel"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.device_map is not None and self.tensor_parallel > 1:
+            raise ConfigError(
+                "--device-map and --tensor-parallel exclude each other: a device map spreads one "
+                "process over several GPUs, tensor parallel one teacher over several processes"
+            )
+        parse_max_memory(self.max_memory)  # refuse a malformed one before any work
         if self.backend not in ("zarr", "arrow"):
             raise ConfigError(f"backend must be 'zarr' or 'arrow', got {self.backend!r}")
 
@@ -253,6 +261,8 @@ def run_dump(config: DumpConfig) -> DumpResult:
             dtype=config.dtype,
             device=config.device,
             group=group,
+            device_map=config.device_map,
+            max_memory=parse_max_memory(config.max_memory),
         )
         _check_teacher(config, teacher)
         rows = _rank_rows(config, teacher, options, writers)
@@ -449,6 +459,7 @@ def _header(
         "tensor_parallel": layout.tensor_parallel,
         "data_parallel": layout.data_parallel,
         "processes": layout.world_size,
+        "device_map": config.device_map,
         "teacher_parameter_bytes_per_rank": teacher.parameter_bytes(),
     }
     return CacheHeader(
@@ -468,6 +479,24 @@ def _header(
         dataset=SourceInfo(_base_name(config.data), None, data_fp),
         extra={"dump": options},
     )
+
+
+def parse_max_memory(text: str | None) -> dict[int | str, int | str] | None:
+    """``"0=20GiB,cpu=60GiB"`` -> ``{0: "20GiB", "cpu": "60GiB"}`` (a bare number: bytes)."""
+    if not text:
+        return None
+    out: dict[int | str, int | str] = {}
+    for item in text.split(","):
+        key, sep, amount = item.strip().partition("=")
+        key = key.strip()
+        if not sep or not amount.strip() or not (key.isdigit() or key in ("cpu", "disk")):
+            raise ConfigError(
+                f"--max-memory wants DEVICE=AMOUNT pairs like '0=20GiB,cpu=60GiB' (DEVICE a GPU "
+                f"index, cpu or disk), got {item.strip()!r} in {text!r}"
+            )
+        size = amount.strip()
+        out[int(key) if key.isdigit() else key] = int(size) if size.isdigit() else size  # bytes
+    return out
 
 
 def _base_name(path: str) -> str:

@@ -23,15 +23,25 @@ the one hook it has) while keeping ``dp_size=1`` in the config, so no FSDP wrapp
 data-parallel group holds a plain tensor-parallel replica. Measured on the tiny Llama (2 x 2 on
 gloo): logits equal the single-process ones to 4e-6, parameters per rank 0.50 of the whole model.
 The head is then split into vocabulary shards (:func:`~logitcache.dump.head.split_sharded_head`).
+
+**Device map** (``device_map="auto"``, ``max_memory``): Accelerate's big-model inference, through
+``from_pretrained``: layers fill the GPUs in order, then CPU RAM, then disk (a temporary offload
+folder), and each runs on the first GPU (or the CPU) with its weights brought in by hooks. Slow
+where offloaded, but exact. The head then runs through its module (its weight may be on ``meta``),
+still chunk by chunk; the teacher's ``device`` is where the head's logits land.
 """
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import importlib
 import os
 import re
+import shutil
+import tempfile
 import warnings
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -129,11 +139,13 @@ class Teacher:
         return self.head if isinstance(self.head, ShardedHead) else None
 
     def parameter_bytes(self) -> int:
-        """Bytes of parameters held by this process (a tensor-parallel shard counts locally)."""
+        """Bytes of parameters held in memory by this process: a tensor-parallel shard counts
+        locally, a parameter offloaded to disk by a device map (on ``meta``) not at all."""
         total = 0
         for p in self.model.parameters():
             local = p.to_local() if hasattr(p, "to_local") else p
-            total += local.numel() * local.element_size()
+            if local.device.type != "meta":
+                total += local.numel() * local.element_size()
         return total
 
     def scratch(self, name: str, numel: int) -> torch.Tensor:
@@ -155,6 +167,8 @@ def load_teacher(
     real_vocab_size: int | None = None,
     hash_weights: bool = True,
     group: RankGroup | None = None,
+    device_map: str | None = None,
+    max_memory: Mapping[int | str, int | str] | None = None,
 ) -> Teacher:
     """Load a teacher from a HF directory (optionally its GGUF ``teacher_file``) or a factory.
 
@@ -162,6 +176,8 @@ def load_teacher(
     ``cuda:$LOCAL_RANK`` under torchrun, else cpu) or a torch device string. ``tokenizer``
     overrides where the tokenizer is loaded from. ``group``: a :class:`RankGroup` whose layout
     has ``tensor_parallel > 1`` loads this rank's shard (see the module docstring).
+    ``device_map="auto"`` (with ``max_memory``, e.g. ``{0: "20GiB", "cpu": "60GiB"}``) spreads a
+    Hugging Face directory teacher over the visible GPUs, CPU and disk.
     """
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
@@ -169,8 +185,25 @@ def load_teacher(
         return _load_tensor_parallel(
             spec, teacher_file, tokenizer, dt, dev, real_vocab_size, hash_weights, group
         )
+    placement: dict[str, Any] = {}
+    if device_map is not None:
+        if device_map != "auto":
+            raise ConfigError(f"device_map must be 'auto', got {device_map!r}")
+        if not os.path.isdir(spec):
+            raise ConfigError(
+                f"--device-map auto loads a Hugging Face model directory; {spec!r} is not one"
+            )
+        folder = tempfile.mkdtemp(prefix="logitcache-offload-")
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        placement = {"device_map": "auto", "offload_folder": folder}
+        if max_memory:
+            placement["max_memory"] = dict(max_memory)
+    elif max_memory:
+        raise ConfigError("--max-memory applies to --device-map auto; add --device-map auto")
     if os.path.isdir(spec):
-        return _load_hf(spec, teacher_file, tokenizer, dt, dev, real_vocab_size, hash_weights)
+        return _load_hf(
+            spec, teacher_file, tokenizer, dt, dev, real_vocab_size, hash_weights, placement
+        )
     if _FACTORY.match(spec):
         model, tok = _call_factory(spec)
         if tokenizer is not None:
@@ -194,10 +227,11 @@ def _load_hf(
     dev: torch.device,
     real_vocab_size: int | None,
     hash_weights: bool,
+    placement: dict[str, Any] | None = None,
 ) -> Teacher:
     from transformers import AutoModelForCausalLM
 
-    kwargs: dict[str, Any] = {"dtype": dt}
+    kwargs: dict[str, Any] = {"dtype": dt, **(placement or {})}
     files = sorted(f for f in os.listdir(path) if f.endswith(_WEIGHT_EXTS))
     if teacher_file is not None:
         if not os.path.isfile(os.path.join(path, teacher_file)):
@@ -217,7 +251,21 @@ def _load_hf(
     revision = snap.group(3) if snap else getattr(model.config, "_commit_hash", None)
     digest = hash_files([os.path.join(path, f) for f in files]) if hash_weights else None
     ident = TeacherIdentity(name, revision, digest, "gguf" if teacher_file else "hf")
-    return teacher_from_model(model, tok, ident, device=dev, real_vocab_size=real_vocab_size)
+    if placement:
+        dev = _head_device(getattr(model, "hf_device_map", None) or {})
+    return teacher_from_model(
+        model, tok, ident, device=dev, real_vocab_size=real_vocab_size, placed=bool(placement)
+    )
+
+
+def _head_device(device_map: dict[str, Any]) -> torch.device:
+    """Where Accelerate runs the output head: its GPU, else the first GPU of the map (offloaded
+    modules execute there), else the CPU."""
+    gpus = [d for d in device_map.values() if isinstance(d, int)]
+    head = next((d for name, d in device_map.items() if name in ("lm_head", "")), None)
+    if isinstance(head, int):
+        return torch.device("cuda", head)
+    return torch.device("cuda", gpus[0]) if gpus else torch.device("cpu")
 
 
 def _load_tensor_parallel(
@@ -350,11 +398,13 @@ def teacher_from_model(
     device: torch.device | str | None = None,
     real_vocab_size: int | None = None,
     tp_group: Any = None,
+    placed: bool = False,
 ) -> Teacher:
     """Wrap an in-memory model (moved to ``device``), probe its head, settle the vocab sizes.
-    ``tp_group``: the tensor-parallel group of a model sharded by its TP plan (left in place)."""
+    ``tp_group``: the tensor-parallel group of a model sharded by its TP plan; ``placed``: a model
+    spread by a device map. Both are left where they are."""
     dev = torch.device(device) if device is not None else next(model.parameters()).device
-    model = (model if tp_group is not None else model.to(dev)).eval()
+    model = (model if tp_group is not None or placed else model.to(dev)).eval()
     if identity is None:
         identity = TeacherIdentity(type(model).__name__, None, hash_state_dict(model), "model")
     config = getattr(model, "config", None)
