@@ -184,7 +184,7 @@ class RankGroup:
             )
         if info.world_size > 1 and rendezvous and not dist.is_initialized():
             cuda = device is not None and device.type == "cuda"
-            if cuda:
+            if cuda and tp > 1:  # NCCL binds this rank's GPU
                 torch.cuda.set_device(device)
             backend = "cpu:gloo,cuda:nccl" if cuda and tp > 1 else "gloo"
             dist.init_process_group(backend, timeout=BARRIER_TIMEOUT)
