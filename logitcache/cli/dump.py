@@ -100,7 +100,9 @@ def dump(storage_options: tuple[str, ...], **fields: Any) -> None:
     """Run a teacher once over a dataset and write its sparse soft labels to a cache.
 
     Under torchrun (torchrun --nproc-per-node N -m logitcache dump ...) each rank takes the rows
-    with row_id % N == rank and rank 0 writes the manifest when all are done.
+    with row_id % N == rank and rank 0 writes the manifest when all are done. With
+    --tensor-parallel T the N ranks are N/T groups of T sharing one teacher, and the rows are
+    split over the groups.
     """
     from logitcache.dump import DumpConfig, run_dump
 

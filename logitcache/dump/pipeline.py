@@ -20,7 +20,9 @@ FIFO queue keep the row order, so resume and rank splits are unchanged.
 with ``row_id % world_size == r``: disjoint, deterministic, balanced to one row, and computable
 while streaming (contiguous blocks would need the row count first). A gloo process group (CPU,
 also on GPU nodes: it only carries barriers) synchronises the start (after rank 0 cleared an
-``--overwrite`` output) and the end (before rank 0 joins the parts).
+``--overwrite`` output) and the end (before rank 0 joins the parts). With ``--tensor-parallel T``
+the "rank" here is the data-parallel index (``rank // T``, of ``world_size / T``): only the
+group's tensor-parallel rank 0 writes (:class:`logitcache._distributed.ParallelLayout`).
 """
 
 from __future__ import annotations
