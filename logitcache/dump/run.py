@@ -79,6 +79,7 @@ from logitcache.dump.pipeline import (
 )
 from logitcache.dump.sparsify import SparsifyConfig, sparsify_batch
 from logitcache.dump.teacher import Teacher, load_teacher
+from logitcache.dump.tp_sparsify import sparsify_batch_tp
 from logitcache.errors import ConfigError, WriterError
 from logitcache.format import SampledCodec, TopKCodec
 from logitcache.format.codec import TargetCodec
@@ -332,6 +333,7 @@ def _run(
             break_lock=config.break_lock,
         )
     sparsify = config.sparsify_config()
+    sparsify_fn = sparsify_batch if teacher.sharded_head is None else sparsify_batch_tp
     with writer if writer is not None else nullcontext():
         # the group's writer knows the resume point; its tensor-parallel peers start there too
         done = group.broadcast_from_writer(writer.resumed_rows if writer is not None else 0)
@@ -354,7 +356,7 @@ def _run(
                     # run was killed between its last shard and the manifest; nothing to compute
                     drop = 0
                     continue
-                sparse = sparsify_batch(
+                sparse = sparsify_fn(
                     teacher, batch.input_ids, batch.loss_mask, batch.row_ids, sparsify
                 )
                 batch, sparse = drop_leading_rows(batch, sparse, drop)

@@ -368,11 +368,13 @@ def sparsify_batch(
     """Run the teacher on [B, S] right-padded rows; sparse targets at ``loss_mask`` positions.
 
     A tensor-parallel teacher (:attr:`Teacher.sharded_head`) goes through
-    :func:`logitcache.dump.tp_sparsify.sparsify_batch_tp`: same results, no full vocabulary."""
+    :func:`logitcache.dump.tp_sparsify.sparsify_batch_tp` instead (same results, no full
+    vocabulary); here it is refused."""
     if teacher.sharded_head is not None:
-        from logitcache.dump.tp_sparsify import sparsify_batch_tp
-
-        return sparsify_batch_tp(teacher, input_ids, loss_mask, row_ids, config)
+        raise ConfigError(
+            "this teacher is sharded by tensor parallel: sparsify its batches with "
+            "logitcache.dump.tp_sparsify.sparsify_batch_tp (every rank of its group)"
+        )
     ids, mask, rows, b_idx, t_idx, pos_rows, labels = prepare_positions(
         teacher, input_ids, loss_mask, row_ids
     )
