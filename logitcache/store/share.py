@@ -130,7 +130,8 @@ def copy_cache(
             return f.bytes
 
         copied = skipped = nbytes = 0
-        with cf.ThreadPoolExecutor(workers) as pool:
+        pool = cf.ThreadPoolExecutor(workers)
+        try:
             for n in pool.map(one, files):
                 if n < 0:
                     skipped += 1
@@ -139,6 +140,11 @@ def copy_cache(
                     nbytes += n
                 if progress is not None:
                     progress(copied + skipped, len(files))
+        except BaseException:
+            # stop now (Ctrl-C, an error): files not started yet are not copied; a rerun resumes
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        pool.shutdown(wait=True)
         lock.check()
         out.write_atomic(MANIFEST_NAME, raw)
     finally:
