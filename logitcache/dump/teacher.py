@@ -37,6 +37,7 @@ import atexit
 import hashlib
 import importlib
 import os
+import pickle
 import re
 import shutil
 import tempfile
@@ -240,6 +241,15 @@ def _load_hf(
         files = [teacher_file]
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except pickle.UnpicklingError:
+        # torch.load(weights_only=True) refused a pickle that would run code: say so in one line
+        pickles = [f for f in files if f.endswith((".bin", ".pt", ".pth"))]
+        raise TeacherError(
+            f"the teacher's weights in {path} ({', '.join(pickles) or 'a weights file'}) hold a "
+            "pickle that does not load as plain tensors (weights_only=True refused it; loading "
+            "it would run code); get the weights as .safetensors, or re-save them from a "
+            "trusted copy"
+        ) from None
     except (OSError, ValueError, ImportError) as e:
         raise TeacherError(f"cannot load the teacher from {path}: {e}") from e
     tok = _load_tokenizer(
