@@ -1,6 +1,7 @@
 """Caches built from real teacher distributions (``../shared/data``: SmolLM2-135M on Python's
 documentation, top-256 log-probs + exact log-sum-exp over 49,152 ids), for the report's tests
-and ``scripts/bench_report.py`` (which puts this folder on ``sys.path``).
+and ``scripts/bench_report.py`` (which puts this folder on ``sys.path``); without that folder (a
+bare clone), synthetic distributions of the same shapes.
 
 The 2,048 real positions are reused in a seeded random order to fill as many positions as
 asked; a top-k cache stores their top-k with the exact tail mass, a sampled cache n draws from
@@ -23,8 +24,34 @@ DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "smollm2_pydoc_
 VOCAB = 49_152
 
 
+def _synthetic() -> dict[str, np.ndarray]:
+    """Stand-in with the same shapes when ../shared/data is absent (a bare CI clone): Zipf-like
+    top-256 probabilities holding 0.8-0.97 of the mass, the rest spread evenly over the other
+    ids, so the full entropy and the NLL are exact."""
+    rng = np.random.default_rng(0)
+    n, w = 2048, 256
+    raw = np.arange(1, w + 1) ** -1.1 * rng.uniform(0.5, 1.5, (n, w))
+    raw = -np.sort(-raw, axis=1)
+    mass = rng.uniform(0.8, 0.97, n)
+    p = raw / raw.sum(axis=1, keepdims=True) * mass[:, None]
+    tail = 1 - mass
+    steps = rng.integers(1, VOCAB // w, (n, w))
+    ids = (rng.integers(0, VOCAB, (n, 1)) + np.cumsum(steps, axis=1)) % VOCAB
+    rest = VOCAB - w
+    entropy = -(p * np.log(p)).sum(axis=1) - tail * np.log(tail / rest)
+    targets = np.where(rng.random(n) < 0.7, ids[:, 0], (ids[:, -1] + 1) % VOCAB)
+    return {
+        "topk_ids": ids.astype(np.int32),
+        "topk_logits": np.log(p),
+        "logsumexp": np.zeros(n),
+        "entropy": entropy,
+        "targets": targets.astype(np.int32),
+        "input_ids": rng.integers(0, VOCAB, n).astype(np.int32),
+    }
+
+
 def real() -> dict[str, np.ndarray]:
-    d = np.load(DATA)
+    d = np.load(DATA) if DATA.exists() else _synthetic()
     lp = (d["topk_logits"] - d["logsumexp"][:, None]).astype(np.float64)
     nll = np.full(len(lp), np.nan)
     hit = d["topk_ids"] == d["targets"][:, None]
