@@ -65,7 +65,14 @@ from logitcache.dump.teacher import Teacher
 from logitcache.errors import ConfigError, NonFiniteLogitsError
 from logitcache.format.targets import SampledTargets, TopKTargets
 
-__all__ = ["CoverageStats", "SparseBatch", "SparsifyConfig", "sparsify_batch", "sparsify_chunk"]
+__all__ = [
+    "CoverageStats",
+    "SparseBatch",
+    "SparsifyConfig",
+    "distinct_draws",
+    "sparsify_batch",
+    "sparsify_chunk",
+]
 
 _M32 = 0xFFFFFFFF
 _BYTES_PER_LOGIT = 6  # the chunk's logits (float32) + the head's matmul output in bf16/fp16
@@ -171,6 +178,19 @@ def block_rows(vocab: int, device: torch.device) -> int:
     if device.type != "cpu":
         return 1 << 30
     return max(1, _CPU_BLOCK_BYTES // (4 * vocab))
+
+
+def distinct_draws(drawn: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """For draws sorted per position ([n, samples] ids): the flat index of each distinct id's
+    first draw, the distinct ids, their counts, the position owning each, and the number of
+    distinct ids per position (the layout of SampledTargets). Shared by the one-rank and the
+    tensor-parallel sparsify."""
+    n, samples = drawn.shape
+    starts = torch.ones_like(drawn, dtype=torch.bool)
+    starts[:, 1:] = drawn[:, 1:] != drawn[:, :-1]
+    first = starts.reshape(-1).nonzero().squeeze(1)
+    ends = torch.cat([first[1:], first.new_tensor([n * samples])])
+    return first, drawn.reshape(-1)[first], ends - first, first // samples, starts.sum(dim=1)
 
 
 def sparsify_chunk(
@@ -279,12 +299,7 @@ def _block(
     u = uniforms(seed, row_ids, positions, samples) * cdf[:, -1:]
     drawn = torch.searchsorted(cdf, u, right=True).clamp_(max=vocab - 1)
     drawn, _ = drawn.sort(dim=1)
-    starts = torch.ones_like(drawn, dtype=torch.bool)
-    starts[:, 1:] = drawn[:, 1:] != drawn[:, :-1]
-    flat_start = starts.reshape(-1).nonzero().squeeze(1)
-    uniq = drawn.reshape(-1)[flat_start]
-    ends = torch.cat([flat_start[1:], flat_start.new_tensor([n * samples])])
-    owner = flat_start // samples
+    _, uniq, counts, owner, num_unique = distinct_draws(drawn)
     lp = z[owner, uniq] - log_total[owner]
     captured = torch.zeros(n, device=z.device, dtype=torch.float32).index_add_(0, owner, lp.exp())
     tln = _temperature_lognorm(tsums, temperatures, log_total, n, z)
@@ -293,8 +308,8 @@ def _block(
         uniq,
         lp,
         None,
-        starts.sum(dim=1),
-        ends - flat_start,
+        num_unique,
+        counts,
         tln,
         captured,
         entropy,

@@ -43,6 +43,7 @@ from logitcache.dump.sparsify import (
     SparseBatch,
     SparsifyConfig,
     _topk,
+    distinct_draws,
     finish_batch,
     prepare_positions,
     uniforms,
@@ -257,20 +258,15 @@ def _unique_draws(
     """Sorted unique ids per position with their counts and log-probs (as the one-rank path)."""
     drawn, order = drawn.sort(dim=1)
     drawn_z = drawn_z.gather(1, order)
-    starts = torch.ones_like(drawn, dtype=torch.bool)
-    starts[:, 1:] = drawn[:, 1:] != drawn[:, :-1]
-    flat_start = starts.reshape(-1).nonzero().squeeze(1)
-    uniq = drawn.reshape(-1)[flat_start]
-    ends = torch.cat([flat_start[1:], flat_start.new_tensor([n * samples])])
-    owner = flat_start // samples
-    lp = drawn_z.reshape(-1)[flat_start] - log_norm[owner]
+    first, uniq, counts, owner, num_unique = distinct_draws(drawn)
+    lp = drawn_z.reshape(-1)[first] - log_norm[owner]
     captured = torch.zeros(n, device=drawn.device).index_add_(0, owner, lp.exp())
     return ChunkResult(
         uniq,
         lp,
         None,
-        starts.sum(dim=1),
-        ends - flat_start,
+        num_unique,
+        counts,
         tln,
         captured,
         entropy,
