@@ -27,7 +27,7 @@ import json
 import sys
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import click
@@ -38,6 +38,7 @@ __all__ = [
     "MIB",
     "ConfigCommand",
     "config_option",
+    "config_options",
     "dst_storage_option",
     "friendly_errors",
     "parse_storage_options",
@@ -178,6 +179,18 @@ def config_option(
             kw["show_default"] = False
     kw.update(extra)
     return click.option(*(decls or (flag,)), name, **kw)
+
+
+def config_options(
+    cls: type, helps: Mapping[str, str], spelling: Mapping[str, Mapping[str, Any]]
+) -> list[Callable[[F], F]]:
+    """:func:`config_option` for each field named in ``helps`` (its help line), in that order;
+    ``spelling[name]`` adds ``decls`` (the flag's spelling) and any other keyword."""
+    out = []
+    for name, text in helps.items():
+        kw = dict(spelling.get(name, {}))
+        out.append(config_option(cls, name, *kw.pop("decls", ()), help=text, **kw))
+    return out
 
 
 class ConfigCommand(click.Command):

@@ -13,7 +13,7 @@ import click
 from logitcache.cli._common import (
     MIB,
     ConfigCommand,
-    config_option,
+    config_options,
     friendly_errors,
     parse_storage_options,
     storage_option,
@@ -86,11 +86,7 @@ def _options() -> list[Any]:
         "chunk_bytes": {"decls": ("--chunk-mb",), "unit": ("MiB", MIB)},
         "count_rows": {"decls": ("--count/--no-count",)},
     }
-    out = []
-    for name, text in _HELP.items():
-        kw = dict(spelling.get(name, {}))
-        out.append(config_option(DumpConfig, name, *kw.pop("decls", ()), help=text, **kw))
-    return out
+    return config_options(DumpConfig, _HELP, spelling)
 
 
 @click.command(cls=ConfigCommand, options=_options)

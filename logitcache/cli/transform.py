@@ -10,7 +10,7 @@ import click
 from logitcache.cli._common import (
     MIB,
     ConfigCommand,
-    config_option,
+    config_options,
     friendly_errors,
     parse_storage_options,
     storage_option,
@@ -50,11 +50,7 @@ def _import_options() -> list[Any]:
         "shard_bytes": {"decls": ("--shard-mb",), "unit": ("MiB", MIB)},
         "skip_bad_rows": {"decls": ("--skip-bad-rows/--no-skip-bad-rows",)},
     }
-    out = []
-    for name, text in _IMPORT_HELP.items():
-        kw = dict(spelling.get(name, {}))
-        out.append(config_option(ImportConfig, name, *kw.pop("decls", ()), help=text, **kw))
-    return out
+    return config_options(ImportConfig, _IMPORT_HELP, spelling)
 
 
 _COLUMN_FLAGS = (
