@@ -412,14 +412,18 @@ class CacheWriter:
 
     # -- commit ------------------------------------------------------------------------------
 
-    def commit(self) -> Manifest:
-        """Flush the last shard and write the manifest (or this part's completion marker)."""
+    def commit(self, extra: Mapping[str, Any] | None = None) -> Manifest:
+        """Flush the last shard and write the manifest (or this part's completion marker).
+        ``extra``: entries measured while writing (a transform's statistics), merged into the
+        header's ``extra``; like all of ``extra``, outside the content digest."""
         if self._closed:
             raise WriterError("commit() called twice")
         if self._buffer:
             self._flush_one(final=True)
         self._save_progress()
         manifest = self.header.manifest(self._shards, _coverage_of(self._shards))
+        if extra:
+            manifest = manifest.derive(extra={**manifest.extra, **extra})
         self._lock.check()
         if self.part is None:
             self.loc.write_atomic(MANIFEST_NAME, manifest.to_json().encode())

@@ -133,6 +133,7 @@ def align_cache(
     k = int(m.targets.k or 1)
     vocab = len(student)
     stats = _Stats()
+    source = {"source_digest": m.content_digest, "row_id": "teacher row id * 16 + part"}
     header = CacheHeader(
         codec=TopKCodec(k=k, vocab_size=vocab, values=getattr(m.codec, "values", "sqrt")),
         targets=TargetsInfo("topk", k=k, tail=m.targets.tail),
@@ -159,30 +160,19 @@ def align_cache(
             batch = aligner.rows(rows)
             if batch is not None:
                 writer.write(*batch)
-        writer.header = _with_stats(header, stats, idmap)
-        manifest = writer.commit()
+        figures = {
+            "positions_covered": stats.covered / max(stats.targets, 1),
+            "projected_mass": stats.mass / max(stats.covered, 1),
+            "exact_id_fraction": float(idmap.exact.mean()),
+        }
+        manifest = writer.commit(extra={"align": {**source, **figures}})
     return AlignResult(
         manifest=manifest,
-        positions_covered=stats.covered / max(stats.targets, 1),
-        projected_mass=stats.mass / max(stats.covered, 1),
-        exact_id_fraction=float(idmap.exact.mean()),
+        **figures,
         teacher_tokens=stats.teacher_tokens,
         seconds=time.perf_counter() - start,
         setup_seconds=start - t_setup,
     )
-
-
-def _with_stats(header: CacheHeader, stats: _Stats, idmap: IdMap) -> CacheHeader:
-    from dataclasses import replace
-
-    extra = dict(header.extra or {})
-    extra["align"] = {
-        **extra["align"],
-        "positions_covered": stats.covered / max(stats.targets, 1),
-        "projected_mass": stats.mass / max(stats.covered, 1),
-        "exact_id_fraction": float(idmap.exact.mean()),
-    }
-    return replace(header, extra=extra)
 
 
 @dataclass

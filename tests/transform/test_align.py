@@ -118,6 +118,7 @@ def test_other_tokenizer(tmp_path: Path, tokenizers: dict) -> None:
     m = CacheReader(str(tmp_path / "a")).manifest
     assert m.vocab_size == len(tokenizers["student"])
     assert m.tokenizer.fingerprint == tokenizer_fingerprint(tokenizers["student"])
+    assert m.extra["align"]["positions_covered"] == res.positions_covered  # recorded
     assert 0.2 < res.positions_covered < 1.0  # a smaller vocabulary splits some words
     assert res.projected_mass > 0.9
     for rows in CacheReader(str(tmp_path / "a")).iter_rows():
