@@ -11,7 +11,9 @@ that does not belong to it.
 Versioning: ``format_version`` is ``"MAJOR.MINOR"``. A reader refuses an unknown MAJOR (the
 meaning of fields changed); a newer MINOR only adds optional fields, which this reader ignores.
 1.1 added ``content_digest``; 1.2 added per-shard coverage sums (``shards[].coverage``) and a
-CRC-32C per file (``shards[].files[].crc32c``).
+CRC-32C per file (``shards[].files[].crc32c``); 1.3 added the teacher tokenizer's own files,
+stored under ``tokenizer/`` and listed with size and sha256 in ``tokenizer.files`` (inside a field
+the content digest already covers, so a 1.2 reader computes the same digest and ignores them).
 
 Content digest: a sha256 over the canonical JSON of a fixed list of top-level fields - what the
 numbers mean and every shard file's path, size and sha256 - but not timestamps, coverage or
@@ -60,6 +62,7 @@ __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "MANIFEST_NAME",
+    "TOKENIZER_DIR",
     "Backend",
     "Coverage",
     "CoverageSums",
@@ -76,7 +79,8 @@ __all__ = [
 ]
 
 FORMAT_NAME = "logitcache"
-FORMAT_VERSION = "1.2"
+FORMAT_VERSION = "1.3"
+TOKENIZER_DIR = "tokenizer"  # where a cache keeps its tokenizer's files (1.3)
 # The top-level fields the content digest covers, in the order documented in docs/format.md.
 DIGEST_FIELDS = (
     "format",
@@ -182,6 +186,14 @@ class Manifest:
             f"{codec_vocab} differs from vocab_size {self.vocab_size}",
         )
         _check_codec_agrees(self.targets, self.codec)
+        for f in self.tokenizer.files:
+            need(
+                f.path.startswith(TOKENIZER_DIR + "/"),
+                "tokenizer.files",
+                f"file {f.path!r} lies outside {TOKENIZER_DIR}/",
+            )
+        for name in ("teacher", "dataset"):
+            need(not getattr(self, name).files, f"{name}.files", "only the tokenizer has files")
         seen: set[str] = set()
         for s in self.shards:
             need(s.path not in seen, "shards", f"shard {s.path!r} listed twice")

@@ -153,13 +153,33 @@ class SourceInfo:
     name: str = ""
     revision: str | None = None
     fingerprint: str | None = None
+    # since format 1.3, the tokenizer only: its files stored in the cache (``tokenizer/...``,
+    # what ``save_pretrained`` writes), so a cache decodes its own tokens; empty otherwise, and
+    # then absent from the JSON (older caches keep their content digest)
+    files: tuple[FileRecord, ...] = ()
+
+    def __post_init__(self) -> None:
+        for f in self.files:
+            need(isinstance(f, FileRecord), "files", f"must hold file records, got {f!r}")
+        paths = [f.path for f in self.files]
+        need(len(set(paths)) == len(paths), "files", "a file is listed twice")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "revision": self.revision, "fingerprint": self.fingerprint}
+        d: dict[str, Any] = {
+            "name": self.name,
+            "revision": self.revision,
+            "fingerprint": self.fingerprint,
+        }
+        if self.files:
+            d["files"] = [f.to_dict() for f in self.files]
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> SourceInfo:
-        return cls(**known_fields(cls, d))
+        kw = known_fields(cls, d)
+        files = kw.pop("files", None) or []
+        need(isinstance(files, list), "tokenizer.files", "must be a list")
+        return cls(**kw, files=tuple(FileRecord.from_dict(f) for f in files))
 
 
 @dataclass(frozen=True)
