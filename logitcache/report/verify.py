@@ -5,8 +5,9 @@ it reads every shard, checks every file's size and sha256 against the manifest, 
 target and checks what decoding cannot: ids inside the vocabulary, log-probs that are finite or
 ``-inf`` (padding) and never positive beyond rounding, sampled counts that add up to ``n``, row
 ids that are unique across the cache, and the manifest's coverage against the shards (every
-position counted once; since format 1.2 the means equal the shards' own coverage sums). It stops
-at the first bad shard and names it.
+position counted once; since format 1.2 the means equal the shards' own coverage sums), and,
+since format 1.3, the stored tokenizer's files (size and sha256). It stops at the first bad
+shard or file and names it.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from logitcache.format.codec import Targets
 from logitcache.format.manifest import CoverageSums, Manifest
 from logitcache.format.targets import SampledTargets, TopKTargets
 from logitcache.store.reader import CacheReader
+from logitcache.store.tokenizer import read_tokenizer_files
 
 __all__ = ["VerifyReport", "verify_cache"]
 
@@ -94,6 +96,7 @@ def verify_cache(
         if progress is not None:
             progress(i + 1, len(m.shards))
     _check_coverage(m, url)
+    read_tokenizer_files(reader.loc, m)  # each file against its size and sha256
     return VerifyReport(
         shards=len(m.shards), rows=m.num_rows, positions=m.num_positions, bytes=m.num_bytes
     )

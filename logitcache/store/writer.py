@@ -9,7 +9,9 @@ Commit protocol (what makes a crashed dump harmless):
    renamed into place;
 3. after each shard, a small progress record ``_writers/<name>.json`` is replaced atomically: it
    lists the committed shards, which is all ``resume`` needs;
-4. ``commit()`` flushes the last shard and writes ``manifest.json`` last, atomically. With
+4. ``commit()`` flushes the last shard, writes the tokenizer's files if it was given them
+   (``tokenizer/``, format 1.3, each atomically; see ``tokenizer.py``) and ``manifest.json`` last,
+   atomically. With
    ``part=...`` (one writer per rank) it writes a completion marker ``_parts/<part>.json``
    instead and :func:`finalize_cache` later joins all parts into the manifest.
 
@@ -28,6 +30,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from types import TracebackType
 from typing import Any
 
@@ -37,6 +40,7 @@ from logitcache.errors import CacheIncompleteError, ConfigError, LogitCacheError
 from logitcache.format.codec import Targets
 from logitcache.format.manifest import (
     MANIFEST_NAME,
+    TOKENIZER_DIR,
     Coverage,
     CoverageSums,
     FileRecord,
@@ -61,6 +65,7 @@ from logitcache.store.header import (
     PROGRESS_DIR,
     CacheHeader,
 )
+from logitcache.store.tokenizer import tokenizer_file_records
 
 __all__ = ["CacheWriter", "check_output", "check_shard_bytes"]
 
@@ -68,7 +73,9 @@ log = logging.getLogger("logitcache")
 
 _MAX_SHARD_BYTES = 1 << 30  # Arrow list offsets are int32
 # what a cache directory holds (besides temporaries of interrupted atomic writes)
-_CACHE_ENTRIES = frozenset({MANIFEST_NAME, "shards", PROGRESS_DIR, PARTS_DIR, LOCKS_DIR})
+_CACHE_ENTRIES = frozenset(
+    {MANIFEST_NAME, "shards", TOKENIZER_DIR, PROGRESS_DIR, PARTS_DIR, LOCKS_DIR}
+)
 
 
 def _sha256(data: bytes) -> str:
@@ -148,7 +155,7 @@ def _clear_output(loc: Location) -> None:
     """Remove an old cache (``overwrite``); the manifest goes first: from then on the old cache
     no longer reads as complete."""
     loc.remove(MANIFEST_NAME)
-    for rel in ("shards", PROGRESS_DIR, PARTS_DIR):
+    for rel in ("shards", TOKENIZER_DIR, PROGRESS_DIR, PARTS_DIR):
         loc.remove(rel)
 
 
@@ -158,7 +165,10 @@ class CacheWriter:
     Use as a context manager: leaving the block normally commits, an exception aborts (no
     manifest). ``name`` scopes shard names and the progress record, so several writers (ranks)
     can share one cache; ``part`` makes :meth:`commit` write a completion marker instead of the
-    manifest.
+    manifest. ``tokenizer_files`` (``{name: bytes}``, see ``tokenizer.py``) are stored under
+    ``tokenizer/`` at commit and listed in the manifest's ``tokenizer.files``; without them the
+    manifest lists none, whatever the header's ``tokenizer`` says (a transform that copies a
+    source's header never lists files it did not write).
     """
 
     def __init__(
@@ -173,6 +183,7 @@ class CacheWriter:
         storage_options: Mapping[str, Any] | None = None,
         break_lock: bool = False,
         force_overwrite_non_cache: bool = False,
+        tokenizer_files: Mapping[str, bytes] | None = None,
     ) -> None:
         check_shard_bytes(shard_bytes)
         if header.codec.name != header.targets.method:
@@ -180,7 +191,11 @@ class CacheWriter:
                 f"codec {header.codec.name!r} does not match targets.method "
                 f"{header.targets.method!r}"
             )
+        if header.tokenizer.files:
+            header = replace(header, tokenizer=replace(header.tokenizer, files=()))
         self.header = header
+        self._tokenizer_files = dict(tokenizer_files or {})
+        self._tokenizer_records = tokenizer_file_records(self._tokenizer_files)
         self.loc = open_location(url, storage_options)
         self.shard_bytes = shard_bytes
         self.part = part
@@ -424,6 +439,13 @@ class CacheWriter:
         manifest = self.header.manifest(self._shards, _coverage_of(self._shards))
         if extra:
             manifest = manifest.derive(extra={**manifest.extra, **extra})
+        if self._tokenizer_records:
+            tok = replace(manifest.tokenizer, files=self._tokenizer_records)
+            manifest = manifest.derive(tokenizer=tok)
+            datas = self._tokenizer_files.values()
+            for f, data in zip(self._tokenizer_records, datas, strict=True):
+                self._lock.check()
+                self.loc.write_atomic(f.path, data)
         self._lock.check()
         if self.part is None:
             self.loc.write_atomic(MANIFEST_NAME, manifest.to_json().encode())
