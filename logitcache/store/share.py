@@ -43,6 +43,7 @@ from logitcache.format.manifest import (
 from logitcache.store._fs import Location, open_location
 from logitcache.store._lock import WriterLock
 from logitcache.store.reader import CacheReader
+from logitcache.store.tokenizer import read_verified
 
 __all__ = ["MERGE_FIELDS", "CopyReport", "copy_cache", "merge_caches"]
 
@@ -114,7 +115,10 @@ def copy_cache(
     m.check_digest(expect_digest, where=src)
     if m.content_digest != reader.manifest.content_digest:
         raise WriterError(f"{src} changed while the copy started; rerun the copy")
-    files = [(rec, f) for rec in m.shards for f in rec.files]
+    files: list[tuple[ShardRecord | None, FileRecord]] = [
+        (rec, f) for rec in m.shards for f in rec.files
+    ]
+    files += [(None, f) for f in m.tokenizer.files]  # format 1.3: the tokenizer's own files
     out = open_location(dst, dst_options)
     if _refuse_committed(out, m.content_digest):
         return CopyReport(0, len(files), 0, m.content_digest)
@@ -122,11 +126,12 @@ def copy_cache(
     lock.acquire(break_lock)
     try:
 
-        def one(item: tuple[ShardRecord, FileRecord]) -> int:
+        def one(item: tuple[ShardRecord | None, FileRecord]) -> int:
             rec, f = item
             if _has_file(out, f):
                 return -1
-            out.write_atomic(f.path, reader.fetch_file(rec, f, check=True))
+            data = read_verified(reader.loc, f) if rec is None else reader.fetch_file(rec, f)
+            out.write_atomic(f.path, data)
             return f.bytes
 
         copied = skipped = nbytes = 0
@@ -155,6 +160,7 @@ def copy_cache(
 def _check_agree(sources: Sequence[str], manifests: Sequence[Manifest]) -> None:
     def fields(m: Manifest) -> dict[str, Any]:
         d = m.to_dict()
+        d["tokenizer"].pop("files", None)  # the fingerprint says whether tokenizers agree
         return {k: d[k] for k in MERGE_FIELDS}
 
     for url, m in zip(sources[1:], manifests[1:], strict=True):
@@ -212,7 +218,12 @@ def merge_caches(
                 shards.append(_copy_shard(reader, i, rec, dst, f"m{j:03d}-", url, seen))
                 if progress is not None:
                     progress(len(shards), total)
-        first = manifests[0]
+        # the tokenizer's files (format 1.3) of the first source that stores them
+        j = next((j for j, m in enumerate(manifests) if m.tokenizer.files), 0)
+        for f in manifests[j].tokenizer.files:
+            lock.check()
+            dst.write_atomic(f.path, read_verified(readers[j].loc, f))
+        first = manifests[j]  # the fields all sources agree on (MERGE_FIELDS), and its files
         fingerprints = [m.dataset.fingerprint or m.content_digest for m in manifests]
         manifest = first.derive(
             shards=tuple(shards),
