@@ -86,6 +86,7 @@ from logitcache.format.codec import TargetCodec
 from logitcache.format.manifest import Backend, Manifest, SourceInfo, TargetsInfo
 from logitcache.store import CacheHeader, CacheWriter, check_output, finalize_cache
 from logitcache.store.header import DEFAULT_COMPRESSION_LEVEL, DEFAULT_SHARD_BYTES
+from logitcache.store.tokenizer import tokenizer_files
 
 __all__ = ["DumpConfig", "DumpResult", "finalize_dump", "run_dump"]
 
@@ -331,6 +332,8 @@ def _run(
             part=rank_part(writers),
             storage_options=config.storage_options,
             break_lock=config.break_lock,
+            # format 1.3: the cache carries its tokenizer (tokenizer/, listed in the manifest)
+            tokenizer_files=tokenizer_files(teacher.tokenizer),
         )
     sparsify = config.sparsify_config()
     sparsify_fn = sparsify_batch if teacher.sharded_head is None else sparsify_batch_tp

@@ -75,6 +75,8 @@ def select_rows(
 def student_row_losses(cfg: KDConfig, tg: PreparedTargets, z: Tensor) -> Tensor:
     """Per-row loss from student logits ``z [n, V]`` (compute dtype), differentiable in ``z``."""
     s = z / cfg.temperature if cfg.temperature != 1.0 else z
+    if cfg.objective.student_ids is not None:
+        tg = cfg.objective.student_ids(tg, s)
     logq, log_tail = SparseLogSoftmax.apply(s, tg.ids, tg.in_support, cfg.with_tail)
     logq_label = None
     if tg.labels is not None:

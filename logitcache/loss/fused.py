@@ -52,6 +52,8 @@ def _chunk_grad(
     keep_z = tg.labels is not None  # the label is scored on the T=1 logits, separately
     t = cfg.temperature
     s = (z / t if keep_z else z.div_(t)) if t != 1.0 else z
+    if cfg.objective.student_ids is not None:
+        tg = cfg.objective.student_ids(tg, s)
     lse, lse_tail = sparse_log_softmax_stats(s, tg.ids, tg.in_support, cfg.with_tail)
     logq = s.gather(1, tg.ids) - lse[:, None]
     log_tail = torch.zeros_like(lse) if lse_tail is None else lse_tail - lse

@@ -11,7 +11,9 @@ both at temperature T and coarsened to the support ``I + tail``:
 * ``reverse-kl``: ``sum_c Q_c (log Q_c - log P_c)``; teacher log-probs are floored at
   ``LOG_FLOOR`` so that student mass where the teacher recorded none costs a large finite amount;
 * ``jsd``: ``beta KL(P||M) + (1-beta) KL(Q||M)``, ``M = beta P + (1-beta) Q``, beta in (0, 1);
-* ``sampled-ce``: ``-sum_m w_m log q(id_m)``, the RS-KD estimate of the cross-entropy H(P, Q).
+* ``sampled-ce``: ``-sum_m w_m log q(id_m)``, the RS-KD estimate of the cross-entropy H(P, Q);
+* ``uld``: ``sum_r |p_(r) - q_(r)|`` over both sides' sorted probabilities plus the remainders
+  (Boizard et al. 2024; no ids matched, so another vocabulary works): ``loss/uld.py``.
 
 The row loss is ``(1 - alpha) T^2 KD + alpha CE(label)`` where CE uses the logits at T=1.
 
@@ -38,6 +40,7 @@ from torch import Tensor
 
 from logitcache.errors import ConfigError
 from logitcache.loss.teachers import SampledTeacher, TopKTeacher
+from logitcache.loss.uld import student_support, uld_terms
 
 __all__ = [
     "LOG_FLOOR",
@@ -65,7 +68,9 @@ class Objective:
     each row. ``lp`` holds teacher log-probs at T (top-k) or estimator weights (sampled), ``lq``
     the student's log-probs at the same entries; with ``tail=True`` the last column is the tail
     bucket of both. ``targets`` is the teacher container the loss reads; ``check`` returns a
-    problem (with its fix) for settings this loss refuses, or None.
+    problem (with its fix) for settings this loss refuses, or None. ``student_ids``, when set,
+    chooses where the student is read, from the targets and its scaled logits [n, V] (no grad),
+    instead of at the teacher's ids (``uld``: its own top-k, sorted).
     """
 
     name: str
@@ -74,6 +79,7 @@ class Objective:
     tail: bool = False
     targets: Literal["topk", "sampled"] = "topk"
     check: Callable[[KDConfig], str | None] | None = None
+    student_ids: Callable[[PreparedTargets, Tensor], PreparedTargets] | None = None
 
 
 def _kl(cfg: KDConfig, lp: Tensor, lq: Tensor, exists: Tensor) -> Tensor:
@@ -123,6 +129,13 @@ OBJECTIVES: dict[str, Objective] = {
             "RS-KD cross-entropy estimate (sampled caches)",
             _sampled_ce,
             targets="sampled",
+        ),
+        Objective(
+            "uld",
+            "sorted-probability distance (ULD), ids unmatched: works across tokenizers",
+            uld_terms,
+            tail=True,
+            student_ids=student_support,
         ),
     )
 }

@@ -98,7 +98,16 @@ def dense_loss(
         has_tail = (~inside).any(-1)
         p_t = torch.where(has_tail, p_t, torch.ones_like(p_t))
         q_t = torch.where(has_tail, q_t, torch.ones_like(q_t))
-        if loss == "kl-renorm":
+        if loss == "uld":  # sorted probabilities, dense sort; remainders compared as sums
+            m = valid.sum(-1, keepdim=True)
+            first = torch.arange(vocab)[None, :] < m
+            q_s = torch.sort(q, dim=-1, descending=True, stable=True).values  # ties: lower id first
+            p_s = torch.sort(p_i, -1, descending=True).values  # padding (0) sorts last
+            p_s = torch.cat([p_s, torch.zeros(p_s.shape[0], max(0, vocab - p_s.shape[1]))], 1)
+            head = torch.where(first, (p_s[:, :vocab] - q_s).abs(), torch.zeros_like(q_s))
+            q_rest = torch.where(first, torch.zeros_like(q_s), q_s).sum(-1)
+            kd = head.sum(-1) + (torch.where(has_tail, p_t, torch.zeros_like(p_t)) - q_rest).abs()
+        elif loss == "kl-renorm":
             pn = p_i / p_i.sum(-1, keepdim=True)
             qn = q_i / q_i.sum(-1, keepdim=True)
             kd = xlogy_ratio(pn, torch.where(valid, qn, torch.ones_like(qn))).sum(-1)
