@@ -96,4 +96,13 @@ def format_info(info: Mapping[str, Any]) -> str:
         src = info[key]
         fp = (src.get("fingerprint") or "-")[:16]
         lines.append(f"{key:<11} {src.get('name') or '-'} (fingerprint {fp})")
+        if key == "tokenizer":  # format 1.3: the cache stores its tokenizer's files
+            files = src.get("files") or []
+            stored = ", ".join(f"{f['path']} ({f['bytes']:,} B)" for f in files)
+            lines.append(
+                f"            stored: {stored}"
+                if files
+                else "            its files are not stored (a cache before format 1.3): "
+                "commands that decode its tokens take --teacher-tokenizer"
+            )
     return "\n".join(lines)
