@@ -107,19 +107,24 @@ class TargetOptions:
     ``keep_tail``: ship ``tail_logprob`` (False drops it; the loss then derives the tail, or
     ignores it with ``kl-renorm``). ``temperature``: attach that temperature's stored log-normaliser
     (None or 1.0: none). ``positions``: a picklable function selecting a subset of the stored
-    positions, e.g. to skip a row's first tokens.
+    positions, e.g. to skip a row's first tokens. ``student_vocab``: a student with fewer ids
+    than the teacher (a truncated vocabulary): a shard holding an input token (hence a label)
+    ``>=`` it is refused when loaded, naming the first such row and position.
     """
 
     top_k: int | None = None
     keep_tail: bool = True
     temperature: float | None = None
     positions: PositionSelector | None = None
+    student_vocab: int | None = None
 
     def __post_init__(self) -> None:
         if self.top_k is not None and (isinstance(self.top_k, bool) or self.top_k < 1):
             raise ConfigError(f"top_k must be an integer >= 1 or None, got {self.top_k!r}")
         if self.temperature is not None and not self.temperature > 0:
             raise ConfigError(f"temperature must be > 0, got {self.temperature!r}")
+        if self.student_vocab is not None and self.student_vocab < 1:
+            raise ConfigError(f"student_vocab must be >= 1 or None, got {self.student_vocab!r}")
 
 
 def select_top(score: np.ndarray, k: int) -> np.ndarray:
@@ -175,7 +180,24 @@ class Collator:
                 f"{' ...' if rows.size > 5 else ''}); run `logitcache verify` and re-copy or "
                 "re-dump the cache"
             )
+        self._check_student_vocab(index, data)
         return view
+
+    def _check_student_vocab(self, index: int, data: EncodedRows) -> None:
+        """Refuse input tokens a truncated student lacks (its embedding cannot read them and, as
+        labels, they cannot be learned), naming the first one."""
+        v = self.options.student_vocab
+        ids = data.input_ids
+        if v is None or not ids.size or int(ids.max()) < v:
+            return
+        r, t = (int(x[0]) for x in np.nonzero(ids >= v))
+        where = self._shard_paths[index] if index < len(self._shard_paths) else "?"
+        raise ConfigError(
+            f"row id {int(data.row_id[r])} position {t} (shard {where}) holds token "
+            f"{int(ids[r, t])}, but the student has {v} ids (a truncated vocabulary): it cannot "
+            f"read that token nor learn it as a label; use a student with at least "
+            f"{int(ids.max()) + 1} ids, or `logitcache align` the cache to the student's tokenizer"
+        )
 
     def _check_shard(self, view: ShardView) -> tuple[str, np.ndarray] | None:
         """(what is wrong, the positions concerned) or None; see the module docstring."""

@@ -247,6 +247,7 @@ def make_loader(
     keep_tail: bool = True,
     temperature: float | None = None,
     positions: PositionSelector | None = None,
+    student_vocab: int | None = None,
     **kwargs: Any,
 ) -> CachedLogitLoader:
     """A resumable loader of device batches from the cache at ``url``.
@@ -256,14 +257,19 @@ def make_loader(
     ``"random"`` (map-style random access; rows shuffled within blocks of ``window_shards``
     shards, default ``max_cached_shards // 2``) or ``"sequential"``. ``rank``/``world_size``
     default to torch.distributed's. ``device`` defaults to CUDA when available (pinned memory, side
-    stream copies) else CPU. ``top_k``, ``keep_tail``, ``temperature``, ``positions``: see
+    stream copies) else CPU. ``top_k``, ``keep_tail``, ``temperature``, ``positions``,
+    ``student_vocab``: see
     :class:`~logitcache.data.collate.TargetOptions`. Other keyword arguments go to
     :class:`CachedLogitLoader` (``split``: ``("train" | "eval", held-out fraction)``,
     ``window_shards``, ``readahead``, ``drop_last``, ``verify``,
     ``timeout``, ``max_cached_shards``, ``storage_options``, ``background``).
     """
     options = TargetOptions(
-        top_k=top_k, keep_tail=keep_tail, temperature=temperature, positions=positions
+        top_k=top_k,
+        keep_tail=keep_tail,
+        temperature=temperature,
+        positions=positions,
+        student_vocab=student_vocab,
     )
     return CachedLogitLoader(
         url,

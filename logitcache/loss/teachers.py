@@ -119,6 +119,29 @@ class TopKTeacher:
             else self.temperature_lognorm.index_select(0, index),
         )
 
+    def within_vocab(self, vocab: int) -> TopKTeacher:
+        """The targets for a student with ``vocab`` outputs (a truncated vocabulary): entries of
+        ids ``>= vocab`` become padding (id 0, ``-inf``) and their mass joins the tail bucket.
+
+        No grad, no host synchronisation: a few [N, k] element-wise operations. At T != 1 the
+        folded ids' tempered mass is in the tail too (exact with ``temperature_lognorm``, which
+        computes the tail as the rest; the tail-bucket approximation otherwise).
+        """
+        with torch.no_grad():
+            gone = self.ids >= vocab
+            lp = self.logprobs
+            moved = torch.logsumexp(lp.masked_fill(~gone, float("-inf")), dim=-1)
+            tail = self.tail_logprob
+            if tail is None:  # the mass outside all k stored entries; the folded one joins it
+                tail = tail_logprob_from_logprobs(lp)
+            tail = torch.logaddexp(tail.to(moved.dtype), moved).to(tail.dtype)
+            return TopKTeacher(
+                self.ids.masked_fill(gone, 0),
+                lp.masked_fill(gone, float("-inf")),
+                tail,
+                self.temperature_lognorm,
+            )
+
     def at_temperature(self, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
         """``(valid [N,k], log p_T(ids) [N,k], log p_T(tail) [N])`` in float32, no grad.
 
@@ -189,6 +212,22 @@ class SampledTeacher:
             pick(self.logprobs),
             pick(self.temperature_lognorm),
         )
+
+    def within_vocab(self, vocab: int) -> SampledTeacher:
+        """The targets for a student with ``vocab`` outputs (a truncated vocabulary): draws of
+        ids ``>= vocab`` get count 0 (the sampled loss has no tail bucket: with ``num_draws``
+        fixed, the estimate is of ``-sum_{v < vocab} p_v log q_v``, the teacher's mass on the
+        missing ids untrained)."""
+        with torch.no_grad():
+            gone = self.ids >= vocab
+            n = self.num_draws if self.num_draws is not None else self.counts.sum(-1)
+            return SampledTeacher(
+                self.ids.masked_fill(gone, 0),
+                self.counts.masked_fill(gone, 0),
+                n,
+                None if self.logprobs is None else self.logprobs.masked_fill(gone, float("-inf")),
+                self.temperature_lognorm,
+            )
 
     def weights(self, temperature: float) -> Tensor:
         """Per-entry weights ``w [N, m]`` (float32, no grad) of the cross-entropy estimator.

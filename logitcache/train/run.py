@@ -29,6 +29,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import time
 import warnings
 from collections.abc import Iterator
@@ -97,15 +98,20 @@ class StepLoss(nn.Module):
     runs and FSDP frees it afterwards (``train/fsdp.py``).
     """
 
-    def __init__(self, lm: nn.Module, cfg: TrainConfig, autocast_bf16: bool) -> None:
+    def __init__(
+        self, lm: nn.Module, cfg: TrainConfig, autocast_bf16: bool, vocab_limit: int | None = None
+    ) -> None:
         super().__init__()
         self.lm = lm
         self.cfg = cfg
         self.autocast_bf16 = autocast_bf16
+        self.vocab_limit = vocab_limit  # a truncated student: teacher ids >= it join the tail
 
     def forward(self, batch: dict[str, Any]) -> Tensor:
         cfg = self.cfg
         teacher = teacher_targets(batch)
+        if self.vocab_limit is not None:
+            teacher = teacher.within_vocab(self.vocab_limit)
         labels = batch["target_labels"] if cfg.alpha > 0 else None
         kw: dict[str, Any] = dict(
             loss=cfg.loss, temperature=cfg.temperature, alpha=cfg.alpha, beta=cfg.beta
@@ -160,12 +166,16 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
         manifest.check_digest(cfg.expect_digest, where=f"cache {cfg.cache}")
     manifest_digest = _manifest_digest(reader)
     student: Student = load_student(cfg.student, cfg.student_config, cfg.seed)
-    check_compatible(
+    fit = check_compatible(
         student,
         manifest,
         allow_vocab_mismatch=cfg.allow_vocab_mismatch,
         cache_name=f"cache {cfg.cache}",
+        allow_truncated=True,
+        loss=cfg.loss,
     )
+    if fit.note and rank == 0:
+        print(f"note: {fit.note}", file=sys.stderr, flush=True)
     check_loss_fits(manifest, cfg.loss, cfg.alpha, f"cache {cfg.cache}")
     if cfg.eval_cache:
         check_compatible(
@@ -173,6 +183,8 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
             CacheReader(cfg.eval_cache, storage_options=cfg.storage_options).manifest,
             allow_vocab_mismatch=cfg.allow_vocab_mismatch,
             cache_name=f"eval cache {cfg.eval_cache}",
+            allow_truncated=True,
+            loss=cfg.loss,
         )
     torch.manual_seed(cfg.seed)
     model = student.model
@@ -181,7 +193,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
         enable_activation_checkpointing(model)
     use_bf16 = device.type == "cuda" if cfg.bf16 is None else cfg.bf16
     autocast_bf16 = use_bf16 and not cfg.fsdp  # FSDP casts parameters itself (mixed precision)
-    net: nn.Module = StepLoss(model, cfg, autocast_bf16)
+    net: nn.Module = StepLoss(model, cfg, autocast_bf16, fit.limit)
     if cfg.fsdp:  # fully_shard moves only this rank's shards to the device
         shard_student(net, model, device, bf16=use_bf16, cpu_offload=cfg.fsdp_cpu_offload)
     else:
@@ -203,6 +215,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
         storage_options=cfg.storage_options,
         readahead=cfg.readahead,
         temperature=cfg.temperature if cfg.temperature in manifest.targets.temperatures else None,
+        student_vocab=fit.limit,
     )
     split = ("train", cfg.eval_fraction) if cfg.eval_fraction else None
     loader = make_loader(cfg.cache, cfg.batch_size, order=cfg.order, split=split, **loader_kw)
@@ -226,6 +239,10 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
         tokens = int(state.get("tokens", 0))
         loader.load_state_dict(state["loader"])
 
+    def eval_targets(batch: dict[str, Any]) -> Any:
+        teacher = teacher_targets(batch)
+        return teacher if fit.limit is None else teacher.within_vocab(fit.limit)
+
     def eval_output(batch: dict[str, Any]) -> StudentOutput:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast_bf16):
             return student_output(model, batch)
@@ -239,7 +256,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
         model.eval()
         try:
             with gathered(net):  # FSDP: the root's embeddings and head, whole, until the end
-                return evaluate(ev, eval_output, teacher_targets, device, cfg.eval_batches)
+                return evaluate(ev, eval_output, eval_targets, device, cfg.eval_batches)
         finally:
             model.train()
             ev.close()
@@ -328,6 +345,8 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
         "state_bytes_per_rank": state_bytes,
         "peak_device_bytes": peak,
     }
+    if fit.note:
+        summary["notes"] = [fit.note]
     note = quantisation_note(manifest, losses[-1] if losses else None)
     if note is not None:
         summary["warnings"] = [note]

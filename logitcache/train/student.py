@@ -3,10 +3,29 @@ produce what the losses consume (logits, or hidden states + head for the fused p
 the cached target positions.
 
 Compatibility is checked before any step, because a student whose vocabulary does not line up
-with the teacher's ids trains silently on garbage: the student's output dimension must cover the
-cache's real vocabulary, its context must hold the cache's rows, and when both sides carry a
-tokenizer fingerprint they must agree (``allow_vocab_mismatch`` accepts a different tokenizer
-whose ids are a prefix-compatible subset, e.g. the same base vocabulary with other added tokens).
+with the teacher's ids trains silently on garbage. Its context must hold the cache's rows, and
+its ids must mean the teacher's tokens: when the student's and the teacher's tokenizers are both
+at hand, the token strings of every id they share are compared (the first difference is named);
+with only the cache's tokenizer fingerprint, the fingerprints must agree
+(``allow_vocab_mismatch`` accepts a different tokenizer whose ids are a prefix-compatible subset,
+e.g. the same base vocabulary with other added tokens). Tokens that differ are refused with the
+suggestion to run ``logitcache align``.
+
+Sizes may differ (:class:`VocabFit`, whose ``note`` the trainer logs):
+
+- **padded** (the student's head is larger than the cache's real vocabulary: 49,152 -> 49,280,
+  or a 151,936-token tokenizer in a 152,064-row head): trained directly. The extra columns are
+  part of the student's softmax normaliser, so their mass is student mass outside the teacher's
+  ids: in the tail bucket of the tail-bucket losses, never dropped (``tests/train/
+  test_padded_vocab.py`` checks the loss against a dense reference);
+- **truncated** (smaller, the same tokens for the ids it has): trained directly. The teacher's
+  mass on ids the student lacks joins the tail bucket (:meth:`~logitcache.loss.TopKTeacher.
+  within_vocab`), on the device after the targets are dequantised: a few [N, k] element-wise
+  operations per step, no host synchronisation. That is the cheapest correct place: the collate
+  ships the ids undecoded (the device decodes them), so folding there would bring back the
+  host-side decode it avoids, and the loss itself would pay it for every student, truncated or
+  not. An input token the student lacks (hence a hard label it cannot learn) is refused when the
+  shard holding it is loaded, naming the row and position (``data.collate``).
 """
 
 from __future__ import annotations
@@ -27,7 +46,15 @@ from logitcache.format.manifest import Manifest
 if TYPE_CHECKING:
     from logitcache.train.evaluate import StudentOutput
 
-__all__ = ["Student", "check_compatible", "load_student", "student_output"]
+__all__ = [
+    "CROSS_VOCAB_LOSSES",
+    "Student",
+    "VocabFit",
+    "check_compatible",
+    "first_token_difference",
+    "load_student",
+    "student_output",
+]
 
 
 @dataclass
@@ -86,22 +113,76 @@ def load_student(path: str | None, config: str | None, seed: int) -> Student:
     return Student(model, None, str(cpath))
 
 
+#: Losses that compare distributions without matching ids (ULD-style: sorted probabilities), so
+#: a student of another vocabulary needs no `align`; :func:`check_compatible` skips the id checks
+#: for them. The hook for ``--loss uld`` (issue 18): add the loss's name here.
+CROSS_VOCAB_LOSSES: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class VocabFit:
+    """How a student's output ids line up with a cache's teacher ids (:func:`check_compatible`).
+
+    ``student``: the student's output size; ``teacher``: the cache's real vocabulary; ``how``:
+    ``same``, ``padded`` (more outputs), ``truncated`` (fewer) or ``cross-vocab`` (a loss of
+    :data:`CROSS_VOCAB_LOSSES`: ids are not compared).
+    """
+
+    student: int
+    teacher: int
+    how: str
+
+    def __post_init__(self) -> None:
+        if self.how not in ("same", "padded", "truncated", "cross-vocab"):
+            raise ConfigError(
+                f"VocabFit.how must be same/padded/truncated/cross-vocab, got {self.how!r}"
+            )
+
+    @property
+    def limit(self) -> int | None:
+        """The student's size when teacher ids at or beyond it must join the tail, else None."""
+        return self.student if self.how == "truncated" else None
+
+    @property
+    def note(self) -> str | None:
+        """The line the trainer logs (None when the sizes are equal)."""
+        s, t = self.student, self.teacher
+        if self.how == "padded":
+            return (
+                f"student vocab {s:,} = teacher {t:,} + {s - t:,} padding: trained directly "
+                "(the padding columns are in the student's softmax: their mass counts as "
+                "student mass outside the teacher's ids)"
+            )
+        if self.how == "truncated":
+            return (
+                f"student vocab {s:,} = teacher {t:,} - {t - s:,} ids ({s:,}..{t - 1:,}): "
+                "trained directly; the teacher's mass on those ids goes to the tail bucket, "
+                "and an input token among them is refused, naming its row and position"
+            )
+        if self.how == "cross-vocab":
+            return f"student vocab {s:,}, teacher {t:,}: ids not compared (a cross-vocabulary loss)"
+        return None
+
+
 def check_compatible(
     student: Student,
     manifest: Manifest,
     *,
     allow_vocab_mismatch: bool = False,
     cache_name: str = "the cache",
-) -> None:
-    """Refuse a student that cannot be trained on ``manifest``'s targets, naming both sides."""
-    v_student = student.vocab_size
-    if v_student < manifest.vocab_size:
-        raise ConfigError(
-            f"{cache_name} was dumped with vocab {manifest.vocab_size} (padded "
-            f"{manifest.padded_vocab_size}) but the student {student.source} has {v_student} "
-            "outputs: teacher ids beyond the student's head cannot be learned; use a student "
-            "with the teacher's tokenizer and an output size >= the cache's vocab"
-        )
+    teacher_tokenizer: Any | None = None,
+    allow_truncated: bool = False,
+    loss: str | None = None,
+) -> VocabFit:
+    """Refuse a student that cannot be trained on ``manifest``'s targets, naming both sides;
+    return how its vocabulary fits the teacher's (see the module docstring).
+
+    ``teacher_tokenizer``: the teacher's tokenizer, when at hand: the token strings of the ids
+    both share are compared. ``allow_truncated``: the caller folds teacher ids the student lacks
+    into the tail (``VocabFit.limit``; the trainer does); otherwise a smaller student is refused.
+    ``loss``: a loss of :data:`CROSS_VOCAB_LOSSES` skips the id checks.
+    """
+    v_student, v_teacher = student.vocab_size, manifest.vocab_size
     cfg = getattr(student.model, "config", None)
     ctx = getattr(cfg, "max_position_embeddings", None)
     if isinstance(ctx, int) and ctx < manifest.seq_len:
@@ -110,18 +191,70 @@ def check_compatible(
             f"{student.source} has a context of {ctx} (max_position_embeddings); use a student "
             "with a longer context or dump with a shorter --seq-len"
         )
-    want = manifest.tokenizer.fingerprint
-    if student.tokenizer is not None and want:
-        got = tokenizer_fingerprint(student.tokenizer)
-        if got != want and not allow_vocab_mismatch:
+    if loss in CROSS_VOCAB_LOSSES:
+        return VocabFit(v_student, v_teacher, "cross-vocab")
+    if not allow_vocab_mismatch:
+        _check_tokens(student, manifest, teacher_tokenizer, cache_name)
+    if v_student < v_teacher and not allow_truncated:
+        raise ConfigError(
+            f"{cache_name} was dumped with vocab {v_teacher} (padded "
+            f"{manifest.padded_vocab_size}) but the student {student.source} has {v_student} "
+            "outputs: teacher ids beyond the student's head cannot be learned; use a student "
+            "with an output size >= the cache's vocab, or `logitcache train`, which folds the "
+            "missing ids' mass into the tail bucket"
+        )
+    how = "same" if v_student == v_teacher else "padded" if v_student > v_teacher else "truncated"
+    return VocabFit(v_student, v_teacher, how)
+
+
+_ALIGN_HINT = (
+    "re-express the cache in the student's vocabulary with `logitcache align CACHE "
+    "--teacher-tokenizer TEACHER --student-tokenizer STUDENT --out ALIGNED` and train on ALIGNED"
+)
+
+
+def _check_tokens(
+    student: Student, manifest: Manifest, teacher_tokenizer: Any | None, cache_name: str
+) -> None:
+    """Same tokens for the ids both sides have: token strings when both tokenizers are at hand,
+    else the cache's tokenizer fingerprint."""
+    if student.tokenizer is None:
+        return  # a fresh student (--student-config): its ids are whatever the cache says
+    if teacher_tokenizer is not None:
+        differ = first_token_difference(teacher_tokenizer, student.tokenizer)
+        if differ is not None:
             raise ConfigError(
-                f"tokenizer mismatch: {cache_name} was dumped with tokenizer "
-                f"{manifest.tokenizer.name or '?'} (fingerprint {want[:12]}) but the student "
-                f"{student.source} has fingerprint {got[:12]}; re-express the cache in the "
-                "student's vocabulary with `logitcache align`, train a student with the "
-                "teacher's tokenizer, or pass --allow-vocab-mismatch if its ids are a "
-                "prefix-compatible subset of the teacher's"
+                f"the student {student.source} has other tokens than {cache_name}'s teacher "
+                f"({differ}); {_ALIGN_HINT}"
             )
+        return
+    want = manifest.tokenizer.fingerprint
+    if want and tokenizer_fingerprint(student.tokenizer) != want:
+        raise ConfigError(
+            f"tokenizer mismatch: {cache_name} was dumped with tokenizer "
+            f"{manifest.tokenizer.name or '?'} (fingerprint {want[:12]}) but the student "
+            f"{student.source} has fingerprint "
+            f"{tokenizer_fingerprint(student.tokenizer)[:12]}; {_ALIGN_HINT}; or train a "
+            "student with the teacher's tokenizer, or pass --allow-vocab-mismatch if its ids "
+            "are the teacher's (padded, truncated or with other added tokens)"
+        )
+
+
+def first_token_difference(teacher: Any, student: Any) -> str | None:
+    """The first id below both sizes whose token string differs, described; None if none."""
+    t_tokens, s_tokens = _id_to_token(teacher), _id_to_token(student)
+    for i in range(min(len(t_tokens), len(s_tokens))):
+        if t_tokens[i] != s_tokens[i]:
+            return f"id {i} is {t_tokens[i]!r} for the teacher, {s_tokens[i]!r} for the student"
+    return None
+
+
+def _id_to_token(tok: Any) -> list[str | None]:
+    vocab = tok.get_vocab()  # token -> id, added tokens included
+    out: list[str | None] = [None] * (max(vocab.values(), default=-1) + 1)
+    for token, i in vocab.items():
+        out[i] = token
+    return out
 
 
 def check_loss_fits(manifest: Manifest, loss: str, alpha: float, cache_name: str) -> None:

@@ -161,7 +161,8 @@ def test_fused_matches_plain(cache: Path, student_dir: Path, tmp_path: Path) -> 
 def test_refusals(cache: Path, student_dir: Path, tmp_path: Path) -> None:
     small = tmp_path / "small"
     llama(1, vocab=64).save_pretrained(small)
-    with pytest.raises(ConfigError, match=r"dumped with vocab 96 .* has 64 outputs"):
+    # a smaller student trains as a truncated vocabulary unless the data hold ids it lacks
+    with pytest.raises(ConfigError, match=r"holds token \d+, but the student has 64 ids"):
         run_train(cfg(cache, tmp_path / "o", small))
     short = tmp_path / "short"
     m = llama(1)
