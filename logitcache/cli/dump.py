@@ -41,6 +41,9 @@ _HELP = {
     "k": "Ids kept per position (topk).",
     "samples": "Draws per position (sampled).",
     "seed": "Sampling seed (sampled; reproducible).",
+    "sampling_rule": "How uniforms become sampled ids: tree (default; draws that do not move "
+    "with the logits' rounding, e.g. across --tensor-parallel) or inverse-cdf (the rule of "
+    "older caches). --resume keeps the cache's own rule.",
     "temperatures": "Also record the log-normaliser at this temperature, for exact losses at it "
     "(repeatable).",
     "values": "How top-k log-probs are stored: sqrt-quantised (~1e-3 nats/position) or floats.",

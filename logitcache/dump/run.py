@@ -16,10 +16,13 @@ first row is produced (data empty after tokenisation). Only then does the device
 configuration and names the field): teacher name/revision/weights sha256, tokenizer fingerprint,
 dataset fingerprint (input bytes + row recipe: seq_len, packing, format, column), seq_len, both
 vocab sizes, targets (method, k or samples, temperatures), codec (value mode, levels), backend,
-compression level, and ``extra.dump``: seed (sampling), dtype and world size (the number of
-writers). Batch size, device and chunk size are not part of it: a resume may change them (after
-an out-of-memory, say). Nor is ``extra.dump.run`` (tensor-parallel degree, data-parallel groups,
-processes, the teacher's parameter bytes on a rank): how the dump ran, recorded for information.
+compression level, and ``extra.dump``: seed and ``sampling_rule`` (sampled; the rule is
+recorded when it is ``tree``, the default; a cache without it drew by ``inverse-cdf``, and a
+``--resume`` without ``--sampling-rule`` keeps the interrupted dump's rule), dtype and world size
+(the number of writers). Batch size, device and chunk size are not part of it: a resume may
+change them (after an out-of-memory, say). Nor is ``extra.dump.run`` (tensor-parallel degree,
+data-parallel groups, processes, the teacher's parameter bytes on a rank): how the dump ran,
+recorded for information.
 
 **Tensor parallel** (``--tensor-parallel T`` under torchrun, :class:`ParallelLayout`): ``W`` ranks
 are ``W/T`` data-parallel groups of ``T``; a group loads one teacher sharded by its TP plan
@@ -43,7 +46,9 @@ for one batch, and the chunked head (``chunk_bytes``; see :mod:`logitcache.dump.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import json
 import math
 import os
 import time
@@ -77,7 +82,7 @@ from logitcache.dump.pipeline import (
     rank_part,
     read_ahead,
 )
-from logitcache.dump.sparsify import SparsifyConfig, sparsify_batch
+from logitcache.dump.sparsify import SAMPLING_RULES, SamplingRule, SparsifyConfig, sparsify_batch
 from logitcache.dump.teacher import Teacher, load_teacher
 from logitcache.dump.tp_sparsify import sparsify_batch_tp
 from logitcache.errors import ConfigError, WriterError
@@ -85,7 +90,8 @@ from logitcache.format import SampledCodec, TopKCodec
 from logitcache.format.codec import TargetCodec
 from logitcache.format.manifest import Backend, Manifest, SourceInfo, TargetsInfo
 from logitcache.store import CacheHeader, CacheWriter, check_output, finalize_cache
-from logitcache.store.header import DEFAULT_COMPRESSION_LEVEL, DEFAULT_SHARD_BYTES
+from logitcache.store._fs import open_location
+from logitcache.store.header import DEFAULT_COMPRESSION_LEVEL, DEFAULT_SHARD_BYTES, PROGRESS_DIR
 from logitcache.store.tokenizer import tokenizer_files
 
 __all__ = ["DumpConfig", "DumpResult", "finalize_dump", "run_dump"]
@@ -115,6 +121,7 @@ class DumpConfig:
     k: int = 64
     samples: int = 64
     seed: int = 0
+    sampling_rule: SamplingRule | None = None  # None: tree, or on --resume the cache's own
     temperatures: tuple[float, ...] = ()
     values: str = "sqrt"
     sample_logprobs: str = "uint8"
@@ -150,6 +157,10 @@ class DumpConfig:
             object.__setattr__(self, "method", "sampled")
         if self.method not in ("topk", "sampled"):
             raise ConfigError(f"method must be 'topk' or 'sampled', got {self.method!r}")
+        if self.sampling_rule is not None and self.sampling_rule not in SAMPLING_RULES:
+            raise ConfigError(
+                f"sampling_rule must be one of {SAMPLING_RULES}, got {self.sampling_rule!r}"
+            )
         sizes = ("batch_size", "queue_depth", "k", "samples", "chunk_bytes", "shard_bytes")
         for name in (*sizes, "tensor_parallel"):
             if getattr(self, name) < 1:
@@ -169,6 +180,7 @@ class DumpConfig:
             k=self.k,
             samples=self.samples,
             seed=self.seed,
+            sampling_rule=self.sampling_rule or "tree",
             temperatures=tuple(float(t) for t in self.temperatures),
             sample_logprobs=self.sample_logprobs != "none",
             chunk_bytes=self.chunk_bytes,
@@ -251,6 +263,7 @@ def run_dump(config: DumpConfig) -> DumpResult:
     # under torchrun: a rendezvous, so every rank passed the checks above
     group = RankGroup(info, layout, device)
     try:
+        config = _with_sampling_rule(config, writers, layout, group)
         if writers.world_size > 1 and config.overwrite and not group.active:
             raise ConfigError(
                 "--overwrite with several ranks needs torchrun (rank 0 clears the output while "
@@ -460,6 +473,8 @@ def _header(
     }
     if config.method == "sampled":
         options["seed"] = config.seed
+        if config.sampling_rule != "inverse-cdf":  # absent: inverse-cdf (caches before the tree)
+            options["sampling_rule"] = config.sampling_rule or "tree"
     options["run"] = {  # information only: not part of the cache's identity (store/header.py)
         "tensor_parallel": layout.tensor_parallel,
         "data_parallel": layout.data_parallel,
@@ -484,6 +499,29 @@ def _header(
         dataset=SourceInfo(_base_name(config.data), None, data_fp),
         extra={"dump": options},
     )
+
+
+def _with_sampling_rule(
+    config: DumpConfig, writers: RankInfo, layout: ParallelLayout, group: RankGroup
+) -> DumpConfig:
+    """``config`` with its sampling rule settled: the one asked for; on ``--resume`` the rule
+    the interrupted dump recorded in its progress (none recorded: ``inverse-cdf``, the rule
+    before ``tree``), so an old cache keeps drawing as it did; else ``tree``."""
+    if config.method != "sampled" or config.sampling_rule is not None:
+        return config
+    rule: SamplingRule = "tree"
+    if config.resume and layout.writes:
+        loc = open_location(config.out, config.storage_options)
+        parts = [part_name(r) for r in range(writers.world_size)] if writers.world_size > 1 else []
+        for name in parts or ["main"]:
+            if loc.exists(f"{PROGRESS_DIR}/{name}.json"):
+                record = json.loads(loc.read_bytes(f"{PROGRESS_DIR}/{name}.json"))
+                dump = (record.get("header", {}).get("extra") or {}).get("dump") or {}
+                rule = dump.get("sampling_rule", "inverse-cdf")
+                break
+    # the writer read it; its tensor-parallel peers draw the same way
+    code = group.broadcast_from_writer(SAMPLING_RULES.index(rule))
+    return dataclasses.replace(config, sampling_rule=SAMPLING_RULES[code])
 
 
 def parse_max_memory(text: str | None) -> dict[int | str, int | str] | None:

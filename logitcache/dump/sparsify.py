@@ -53,6 +53,7 @@ a bias far below anything a loss can see.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -62,11 +63,14 @@ import torch
 
 from logitcache.dump.head import forward_logits
 from logitcache.dump.teacher import Teacher
+from logitcache.dump.tree_sampling import group_masses, tree_depth, tree_walk
 from logitcache.errors import ConfigError, NonFiniteLogitsError
 from logitcache.format.targets import SampledTargets, TopKTargets
 
 __all__ = [
+    "SAMPLING_RULES",
     "CoverageStats",
+    "SamplingRule",
     "SparseBatch",
     "SparsifyConfig",
     "distinct_draws",
@@ -79,10 +83,15 @@ _BYTES_PER_LOGIT = 6  # the chunk's logits (float32) + the head's matmul output 
 _CPU_BLOCK_BYTES = 1 << 21
 _TOPK_SEGMENT = 96
 
+SamplingRule = Literal["tree", "inverse-cdf"]
+#: how uniforms become sampled ids: "tree" (the default) or "inverse-cdf" (caches before it)
+SAMPLING_RULES: tuple[SamplingRule, ...] = ("tree", "inverse-cdf")
+
 
 @dataclass(frozen=True)
 class SparsifyConfig:
-    """What to keep per position: top-k (``k``) or ``samples`` draws (``seed``)."""
+    """What to keep per position: top-k (``k``) or ``samples`` draws (``seed``, drawn by
+    ``sampling_rule``: :mod:`logitcache.dump.tree_sampling`)."""
 
     method: Literal["topk", "sampled"] = "topk"
     k: int = 64
@@ -92,10 +101,15 @@ class SparsifyConfig:
     sample_logprobs: bool = True
     chunk_tokens: int | None = None
     chunk_bytes: int = 1 << 30
+    sampling_rule: SamplingRule = "tree"
 
     def __post_init__(self) -> None:
         if self.method not in ("topk", "sampled"):
             raise ConfigError(f"method must be 'topk' or 'sampled', got {self.method!r}")
+        if self.sampling_rule not in SAMPLING_RULES:
+            raise ConfigError(
+                f"sampling_rule must be one of {SAMPLING_RULES}, got {self.sampling_rule!r}"
+            )
         if self.k < 1 or self.samples < 1:
             raise ConfigError(f"k and samples must be >= 1, got {self.k}, {self.samples}")
         if any(not (t > 0 and np.isfinite(t)) for t in self.temperatures):
@@ -138,6 +152,9 @@ class ChunkResult:
     entropy: torch.Tensor
     nll: torch.Tensor | None
     finite: torch.Tensor
+    # tree rule, before the walk: level-5 node masses [N, G] float64 and log of the normaliser
+    groups: torch.Tensor | None = None
+    log_total: torch.Tensor | None = None
 
 
 def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
@@ -157,9 +174,11 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
 
 
 def uniforms(
-    seed: int, row_ids: torch.Tensor, positions: torch.Tensor, num_draws: int
+    seed: int, row_ids: torch.Tensor, positions: torch.Tensor, num_draws: int, levels: int = 0
 ) -> torch.Tensor:
-    """[N, num_draws] float32 uniforms in (0, 1), a pure function of (seed, row, position, draw)."""
+    """[N, num_draws] float32 uniforms in (0, 1), a pure function of (seed, row, position, draw)
+    (the inverse-CDF rule's). With ``levels`` > 0: [levels, N, num_draws], one per tree level
+    (the tree rule's streams 1 .. levels; stream 0, the default, is unchanged)."""
     dev = row_ids.device
     h = torch.full_like(row_ids, (seed & _M32) ^ 0x9E3779B9)
     h = _mix32(h)
@@ -168,7 +187,11 @@ def uniforms(
     h = _mix32(h ^ ((row_ids >> 32) & _M32))
     h = _mix32(h ^ (positions & _M32))
     draws = torch.arange(num_draws, device=dev, dtype=torch.int64)
-    g = _mix32(_mix32(h[:, None] ^ (draws[None, :] * 0x9E3779B9 & _M32)))
+    g = _mix32(h[:, None] ^ (draws[None, :] * 0x9E3779B9 & _M32))
+    if levels:  # stream s: mix(g ^ s * c); stream 0 (mix(g)) is the inverse-CDF rule's
+        streams = torch.arange(1, levels + 1, device=dev, dtype=torch.int64) * 0x85EBCA6B & _M32
+        g = g[None] ^ streams[:, None, None]
+    g = _mix32(g)
     return ((g >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
 
 
@@ -205,6 +228,7 @@ def sparsify_chunk(
     positions: torch.Tensor,
     labels: torch.Tensor | None = None,
     work: torch.Tensor | None = None,
+    sampling_rule: SamplingRule = "tree",
 ) -> ChunkResult:
     """Sparsify float32 logits ``z`` [N, V] (overwritten). row_ids/positions [N] int64.
 
@@ -233,16 +257,24 @@ def sparsify_chunk(
             row_ids=row_ids[lo : lo + rows],
             positions=positions[lo : lo + rows],
             labels=None if labels is None else labels[lo : lo + rows],
+            tree=sampling_rule == "tree",
         )
         for lo in range(0, n, rows)
     ]
     if len(parts) == 1:
-        return parts[0]
-    fields: dict[str, Any] = {
-        f: None if getattr(parts[0], f) is None else torch.cat([getattr(p, f) for p in parts])
-        for f in ChunkResult.__dataclass_fields__
-    }
-    return ChunkResult(**fields)
+        result = parts[0]
+    else:
+        fields: dict[str, Any] = {
+            f: None if getattr(parts[0], f) is None else torch.cat([getattr(p, f) for p in parts])
+            for f in ChunkResult.__dataclass_fields__
+        }
+        result = ChunkResult(**fields)
+    if result.groups is None or result.log_total is None:
+        return result
+    # the tree walk, once for the whole chunk: z still holds z' = z - max of every row
+    u = uniforms(seed, row_ids, positions, samples, levels=tree_depth(vocab))
+    drawn, drawn_z = tree_walk(result.groups, z, 0, vocab, u)
+    return unique_draws(drawn, drawn_z, result.log_total, result)
 
 
 def _block(
@@ -258,8 +290,10 @@ def _block(
     row_ids: torch.Tensor,
     positions: torch.Tensor,
     labels: torch.Tensor | None,
+    tree: bool,
 ) -> ChunkResult:
-    """One block of rows: ``z`` [r, V] logits (overwritten), ``a``/``b`` [r, V] scratch."""
+    """One block of rows: ``z`` [r, V] logits (overwritten), ``a``/``b`` [r, V] scratch.
+    Sampled with ``tree``: no draws yet, the tree's group masses (the walk is per chunk)."""
     n, vocab = z.shape
     if method == "topk":
         k_eff = min(k, vocab)
@@ -292,6 +326,28 @@ def _block(
         nll = _nll(label_z, log_total)
         finite = torch.isfinite(entropy) & torch.isfinite(m[:, 0])
         return ChunkResult(ids, logp, tail, None, None, tln, captured, entropy, nll, finite)
+    if tree:
+        groups = group_masses(e, 0, vocab)  # before e is overwritten by the entropy's product
+        total = groups.sum(dim=1).float()
+        log_total = total.log()
+        entropy = log_total - e.mul_(z).sum(dim=1) / total
+        tln = _temperature_lognorm(tsums, temperatures, log_total, n, z)
+        finite = torch.isfinite(entropy) & torch.isfinite(m[:, 0])
+        none = z.new_zeros(0)
+        return ChunkResult(
+            none.long(),
+            none,
+            None,
+            none.int(),
+            none.long(),
+            tln,
+            none,
+            entropy,
+            _nll(label_z, log_total),
+            finite,
+            groups,
+            log_total,
+        )
     cdf = torch.cumsum(e, dim=1, out=b)  # unnormalised: the uniforms are scaled by its end
     total = cdf[:, -1].clone()
     log_total = total.log()
@@ -315,6 +371,29 @@ def _block(
         entropy,
         _nll(label_z, log_total),
         finite,
+    )
+
+
+def unique_draws(
+    drawn: torch.Tensor, drawn_z: torch.Tensor, log_total: torch.Tensor, base: ChunkResult
+) -> ChunkResult:
+    """``base`` with its draws: ``drawn`` [n, samples] ids and ``drawn_z`` their logits minus
+    the row's max (any order) become sorted distinct ids, counts, log-probs (``z - log_total``)
+    and the captured mass. Shared by the tree rule and the tensor-parallel path."""
+    n = drawn.shape[0]
+    drawn, order = drawn.sort(dim=1)
+    drawn_z = drawn_z.gather(1, order)
+    first, uniq, counts, owner, num_unique = distinct_draws(drawn)
+    lp = drawn_z.reshape(-1)[first] - log_total[owner]
+    captured = torch.zeros(n, device=drawn.device).index_add_(0, owner, lp.exp())
+    return dataclasses.replace(
+        base,
+        ids=uniq,
+        logprobs=lp,
+        num_unique=num_unique,
+        counts=counts,
+        captured_mass=captured,
+        groups=None,
     )
 
 
@@ -413,6 +492,7 @@ def sparsify_batch(
                 positions=t_idx[lo : lo + step],
                 labels=labels[lo : lo + step],
                 work=work,
+                sampling_rule=config.sampling_rule,
             )
             for lo in range(0, n, step)
         ]

@@ -43,12 +43,13 @@ from logitcache.dump.sparsify import (
     SparseBatch,
     SparsifyConfig,
     _topk,
-    distinct_draws,
     finish_batch,
     prepare_positions,
     uniforms,
+    unique_draws,
 )
 from logitcache.dump.teacher import Teacher
+from logitcache.dump.tree_sampling import group_masses, tree_depth, tree_walk
 from logitcache.errors import ConfigError
 
 __all__ = ["sparsify_batch_tp"]
@@ -90,6 +91,7 @@ def sparsify_batch_tp(
                 pos_rows[lo : lo + step],
                 t_idx[lo : lo + step],
                 labels[lo : lo + step],
+                teacher.real_vocab_size,
             )
             for lo in range(0, n, step)
         ]
@@ -103,6 +105,7 @@ def _chunk(
     row_ids: torch.Tensor,
     positions: torch.Tensor,
     labels: torch.Tensor,
+    vocab: int,
 ) -> ChunkResult:
     z = head.logits(hidden)  # [N, V_r] float32, this shard's real ids
     n, v = z.shape
@@ -131,6 +134,7 @@ def _chunk(
         tsums, total, dot, lz, tail = [zeros] * len(temps), zeros, zeros, zeros, zeros
         own = torch.zeros(n, dtype=torch.bool, device=dev)
         vals, loc = z.new_zeros((n, 0)), torch.zeros((n, 0), dtype=torch.long, device=dev)
+        e = z
     cols = [m, total, dot, tail, lz, own.float(), *tsums]
     pack = torch.stack(cols, dim=1) if cols else z.new_zeros((n, 0))
     if topk:
@@ -188,8 +192,23 @@ def _chunk(
     tln = _tln(ts_r, delta, present, temps, log_norm, n, z)
     nll = torch.where(owned, log_norm - label_m, float("nan"))
     finite = torch.isfinite(entropy) & torch.isfinite(big_m)
-    drawn, drawn_z = _draw(head, z, v, mass, shift, delta, row_ids, positions, config)
-    return _unique_draws(drawn, drawn_z, log_norm, n, config.samples, tln, entropy, nll, finite)
+    if config.sampling_rule == "tree":
+        u = uniforms(config.seed, row_ids, positions, config.samples, levels=tree_depth(vocab))
+        drawn, drawn_z = tree_walk(
+            group_masses(e, head.offset, vocab),
+            z,
+            head.offset,
+            vocab,
+            u,
+            scale=shift[head.tp_rank],
+            logit_shift=delta[head.tp_rank],
+            reduce=lambda t: dist.all_reduce(t, group=head.group),
+        )
+    else:
+        drawn, drawn_z = _draw(head, z, v, mass, shift, delta, row_ids, positions, config)
+    none = z.new_zeros(0)
+    stats = ChunkResult(none.long(), none, None, None, None, tln, none, entropy, nll, finite)
+    return unique_draws(drawn, drawn_z, log_norm, stats)
 
 
 def _tln(
@@ -242,34 +261,3 @@ def _draw(
         pack[..., 1] = torch.where(mine, got, 0.0).double()
     dist.all_reduce(pack, group=head.group)
     return pack[..., 0].long() - 1, pack[..., 1].float()
-
-
-def _unique_draws(
-    drawn: torch.Tensor,
-    drawn_z: torch.Tensor,
-    log_norm: torch.Tensor,
-    n: int,
-    samples: int,
-    tln: torch.Tensor,
-    entropy: torch.Tensor,
-    nll: torch.Tensor,
-    finite: torch.Tensor,
-) -> ChunkResult:
-    """Sorted unique ids per position with their counts and log-probs (as the one-rank path)."""
-    drawn, order = drawn.sort(dim=1)
-    drawn_z = drawn_z.gather(1, order)
-    first, uniq, counts, owner, num_unique = distinct_draws(drawn)
-    lp = drawn_z.reshape(-1)[first] - log_norm[owner]
-    captured = torch.zeros(n, device=drawn.device).index_add_(0, owner, lp.exp())
-    return ChunkResult(
-        uniq,
-        lp,
-        None,
-        num_unique,
-        counts,
-        tln,
-        captured,
-        entropy,
-        nll,
-        finite,
-    )
