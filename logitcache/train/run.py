@@ -43,6 +43,7 @@ from torch import Tensor, nn
 
 from logitcache._distributed import init_process_group, resolve_device
 from logitcache.data import make_loader
+from logitcache.data.retokenize import retokenizer_for
 from logitcache.data.targets import teacher_targets
 from logitcache.errors import ConfigError
 from logitcache.loss import fused_linear_kd_loss, kd_loss
@@ -61,12 +62,14 @@ from logitcache.train.fsdp import (
 )
 from logitcache.train.output import MetricsLog, check_out_dir, check_previous_run
 from logitcache.train.student import (
+    CROSS_VOCAB_LOSSES,
     Student,
     check_compatible,
     check_loss_fits,
     decoder_and_head,
     load_student,
     quantisation_note,
+    stored_teacher_tokenizer,
     student_output,
     target_logits,
 )
@@ -166,17 +169,48 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
         manifest.check_digest(cfg.expect_digest, where=f"cache {cfg.cache}")
     manifest_digest = _manifest_digest(reader)
     student: Student = load_student(cfg.student, cfg.student_config, cfg.seed)
+    if cfg.student_tokenizer:
+        from logitcache.transform._tokens import load_tokenizer
+
+        student.tokenizer = load_tokenizer(cfg.student_tokenizer, "--student-tokenizer")
     fit = check_compatible(
         student,
         manifest,
         allow_vocab_mismatch=cfg.allow_vocab_mismatch,
         cache_name=f"cache {cfg.cache}",
+        teacher_tokenizer=stored_teacher_tokenizer(student, reader),
         allow_truncated=True,
         loss=cfg.loss,
     )
     if fit.note and rank == 0:
         print(f"note: {fit.note}", file=sys.stderr, flush=True)
     check_loss_fits(manifest, cfg.loss, cfg.alpha, f"cache {cfg.cache}")
+    retokenize, pairing = None, None
+    if cfg.loss in CROSS_VOCAB_LOSSES:  # another tokenizer: rows re-tokenised in the workers
+        ctx = getattr(getattr(student.model, "config", None), "max_position_embeddings", None)
+        retokenize = retokenizer_for(
+            reader,
+            student.tokenizer,
+            teacher_tokenizer=cfg.teacher_tokenizer,
+            seq_len=cfg.student_seq_len,
+            context=ctx if isinstance(ctx, int) else None,
+        )
+    if retokenize is not None:
+        if cfg.eval_fraction or cfg.eval_cache:
+            raise ConfigError(
+                f"--loss {cfg.loss} on a cache of another tokenizer: the held-out metrics (kl, "
+                "top-1 agreement) compare ids, which differ; drop --eval-fraction/--eval-cache "
+                "and evaluate the saved student on text (bits per byte)"
+            )
+        pairing = retokenize.measure(reader)
+        if rank == 0:
+            print(
+                f"note: --loss {cfg.loss} with the student's tokenizer, not the cache's: rows are "
+                f"re-tokenised on the fly (first {pairing.positions:,} student positions: "
+                f"{pairing.summary()})",
+                file=sys.stderr,
+                flush=True,
+            )
     if cfg.eval_cache:
         check_compatible(
             student,
@@ -216,6 +250,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
         readahead=cfg.readahead,
         temperature=cfg.temperature if cfg.temperature in manifest.targets.temperatures else None,
         student_vocab=fit.limit,
+        transform=retokenize,
     )
     split = ("train", cfg.eval_fraction) if cfg.eval_fraction else None
     loader = make_loader(cfg.cache, cfg.batch_size, order=cfg.order, split=split, **loader_kw)
@@ -345,6 +380,8 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
         "state_bytes_per_rank": state_bytes,
         "peak_device_bytes": peak,
     }
+    if pairing is not None:
+        summary["pairing"] = pairing.to_dict()
     if fit.note:
         summary["notes"] = [fit.note]
     note = quantisation_note(manifest, losses[-1] if losses else None)

@@ -116,7 +116,7 @@ def load_student(path: str | None, config: str | None, seed: int) -> Student:
 #: Losses that compare distributions without matching ids (ULD-style: sorted probabilities), so
 #: a student of another vocabulary needs no `align`; :func:`check_compatible` skips the id checks
 #: for them. The hook for ``--loss uld`` (issue 18): add the loss's name here.
-CROSS_VOCAB_LOSSES: frozenset[str] = frozenset()
+CROSS_VOCAB_LOSSES: frozenset[str] = frozenset({"uld"})
 
 
 @dataclass(frozen=True)
@@ -205,6 +205,21 @@ def check_compatible(
         )
     how = "same" if v_student == v_teacher else "padded" if v_student > v_teacher else "truncated"
     return VocabFit(v_student, v_teacher, how)
+
+
+def stored_teacher_tokenizer(student: Student, reader: Any) -> Any | None:
+    """The teacher tokenizer a cache stores (format 1.3), loaded only when it is needed: the
+    student has a tokenizer whose fingerprint is not the cache's (padded or truncated
+    tokenizers, or other tokens), so the token strings must be compared; else None."""
+    m = reader.manifest
+    want = m.tokenizer.fingerprint
+    if student.tokenizer is None or not m.tokenizer.files:
+        return None
+    if want and tokenizer_fingerprint(student.tokenizer) == want:
+        return None
+    from logitcache.store.tokenizer import cache_tokenizer
+
+    return cache_tokenizer(reader)
 
 
 _ALIGN_HINT = (

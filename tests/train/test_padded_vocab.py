@@ -247,3 +247,39 @@ def test_trainer_refuses_an_input_token_the_truncated_student_lacks(tmp_path: Pa
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_trainer_compares_tokens_with_the_tokenizer_the_cache_stores(
+    tmp_path: Path, tiny_teacher_dir: Path
+) -> None:
+    import json
+
+    from click.testing import CliRunner
+    from conftest import TINY_CORPUS
+
+    from logitcache.cli import cli
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": d}) + "\n" for d in TINY_CORPUS * 2))
+    cache = tmp_path / "cache"
+    r = CliRunner().invoke(cli, ["dump", "--teacher", str(tiny_teacher_dir), "--data", str(data),
+                                 "--out", str(cache), "--seq-len", "32", "--k", "8"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+
+    def student(name: str, tok: Any, vocab: int) -> TrainConfig:
+        d = tmp_path / name
+        build_tiny_llama(vocab, seed=1).save_pretrained(d)
+        tok.save_pretrained(d)
+        return TrainConfig(cache=str(cache), out=str(tmp_path / f"o-{name}"), student=str(d),
+                           batch_size=2, max_steps=2, progress=False)  # fmt: skip
+
+    other = _other_tokenizer(300)
+    with pytest.raises(ConfigError, match=r"other tokens than cache .*'s teacher \(id 0 is"):
+        run_train(student("other", other, 300))
+    # the teacher's BPE cut at 280 ids: its tokens match, so the token check passes and the data
+    # (which use ids up to 299) refuse it, naming the first position
+    with pytest.raises(ConfigError, match=r"row id \d+ position \d+ .* but the student has 280"):
+        run_train(student("cut", build_tiny_tokenizer(280), 280))
+    # the teacher's tokenizer in a padded head: trained, with the note
+    s = run_train(student("padded", build_tiny_tokenizer(300), 320))
+    assert s["notes"][0].startswith("student vocab 320 = teacher 300 + 20 padding: trained")
