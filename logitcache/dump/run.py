@@ -355,8 +355,9 @@ def _run(
         done = group.broadcast_from_writer(writer.resumed_rows if writer is not None else 0)
         aligned = done - done % config.batch_size
         drop = done - aligned
+        # done, not aligned: the redone rows of the first batch are dropped, never counted
         progress = Progress(
-            total, config.seq_len, done=aligned, enabled=config.progress and layout.rank == 0
+            total, config.seq_len, done=done, enabled=config.progress and layout.rank == 0
         )
         background = BackgroundWriter(writer, config.queue_depth) if writer is not None else None
         computed = 0
