@@ -72,7 +72,8 @@ def _read_config(path: str) -> dict[str, Any]:
 
 #: TrainConfig fields that are flags, in --help order (storage_options: the shared option).
 _FLAGS = (
-    "cache", "out", "student", "student_config", "loss", "temperature", "alpha", "beta", "fused",
+    "cache", "out", "student", "student_config", "loss", "student_tokenizer", "teacher_tokenizer",
+    "student_seq_len", "temperature", "alpha", "beta", "fused",
     "top_k", "batch_size", "grad_accum", "max_steps", "stop_after", "lr", "weight_decay",
     "warmup_steps", "min_lr_ratio", "clip", "seed", "eval_every", "eval_fraction", "eval_cache",
     "eval_batches", "save_every", "keep", "num_workers", "readahead", "local_cache",

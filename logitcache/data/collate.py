@@ -97,6 +97,8 @@ __all__ = ["IGNORE_INDEX", "Collator", "PositionSelector", "TargetOptions", "sel
 IGNORE_INDEX = -100
 #: ``(input_ids [B, S] int64, loss_mask [B, S] bool) -> bool [B, S]``; must be picklable for workers
 PositionSelector = Callable[[np.ndarray, np.ndarray], np.ndarray]
+#: a host batch (numpy arrays, before packing) -> a new one; picklable (``data/retokenize.py``)
+BatchTransform = Callable[[dict[str, Any]], dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,9 @@ class TargetOptions:
     keep_tail: bool = True
     temperature: float | None = None
     positions: PositionSelector | None = None
+    #: applied to each host batch before it is packed (in the loader's workers), e.g. the rows
+    #: re-expressed in a student's tokens (:class:`~logitcache.data.retokenize.Retokenizer`)
+    transform: BatchTransform | None = None
     student_vocab: int | None = None
 
     def __post_init__(self) -> None:
@@ -264,8 +269,14 @@ class Collator:
             out["temperature_lognorm"] = np.ascontiguousarray(
                 tl["temperature_lognorm"][:, self._temp_col]
             )
-        if self._compact:
+        transform = self.options.transform
+        if self._compact and transform is None:
             return self._compact_batch(views, shard, local, stored, keep, out)
+        if self._compact and transform is not None:  # the stored arrays in hand, then pack
+            pos, _ = gather_positions(views, shard, local, stored, keep, self._compact_arrays)
+            if not self.options.keep_tail and "tail_code" in pos:
+                out["keep_tail"] = False
+            return pack(transform({**out, **pos, "kind": self.kind}))
         wanted = tuple(n for n in self._position_arrays if n != "temperature_lognorm")
         pos, sources = gather_positions(views, shard, local, stored, keep, wanted)
         if isinstance(self.codec, TopKCodec):
@@ -273,7 +284,7 @@ class Collator:
         elif isinstance(self.codec, SampledCodec):
             out.update(self._sampled(self.codec, views, shard, keep, sources, pos))
         out["kind"] = self.kind
-        return pack(out)
+        return pack(out if transform is None else transform(out))
 
     def _compact_batch(
         self,

@@ -33,7 +33,7 @@ import torch.utils.data
 
 from logitcache._distributed import resolve_device
 from logitcache.data._packing import prune_rings
-from logitcache.data.collate import PositionSelector, TargetOptions
+from logitcache.data.collate import BatchTransform, PositionSelector, TargetOptions
 from logitcache.data.dataset import CachedLogitDataset, StreamingLogitDataset
 from logitcache.data.prefetch import Batch, DevicePrefetcher
 from logitcache.data.sampler import RowSampler
@@ -247,6 +247,7 @@ def make_loader(
     keep_tail: bool = True,
     temperature: float | None = None,
     positions: PositionSelector | None = None,
+    transform: BatchTransform | None = None,
     student_vocab: int | None = None,
     **kwargs: Any,
 ) -> CachedLogitLoader:
@@ -259,8 +260,8 @@ def make_loader(
     default to torch.distributed's. ``device`` defaults to CUDA when available (pinned memory, side
     stream copies) else CPU. ``top_k``, ``keep_tail``, ``temperature``, ``positions``,
     ``student_vocab``: see
-    :class:`~logitcache.data.collate.TargetOptions`. Other keyword arguments go to
-    :class:`CachedLogitLoader` (``split``: ``("train" | "eval", held-out fraction)``,
+    :class:`~logitcache.data.collate.TargetOptions` (``transform`` too). Other keyword arguments
+    go to :class:`CachedLogitLoader` (``split``: ``("train" | "eval", held-out fraction)``,
     ``window_shards``, ``readahead``, ``drop_last``, ``verify``,
     ``timeout``, ``max_cached_shards``, ``storage_options``, ``background``).
     """
@@ -269,6 +270,7 @@ def make_loader(
         keep_tail=keep_tail,
         temperature=temperature,
         positions=positions,
+        transform=transform,
         student_vocab=student_vocab,
     )
     return CachedLogitLoader(

@@ -40,6 +40,27 @@ class TrainConfig:
         default=None, metadata=_help("Hugging Face config.json for a freshly initialised student.")
     )
     loss: str = field(default="kl", metadata=_help(_LOSS_HELP, choices=LOSS_NAMES))
+    student_tokenizer: str | None = field(
+        default=None,
+        metadata=_help(
+            "Student tokenizer directory (default: the --student directory's). With --loss uld "
+            "a cache of another tokenizer trains directly: rows are re-tokenised on the fly."
+        ),
+    )
+    teacher_tokenizer: str | None = field(
+        default=None,
+        metadata=_help(
+            "The cache's tokenizer directory, for --loss uld on a cache that does not store "
+            "its own (format < 1.3)."
+        ),
+    )
+    student_seq_len: int | None = field(
+        default=None,
+        metadata=_help(
+            "With --loss uld on another tokenizer: the student's row length "
+            "(default: the cache's seq_len; longer text is cut)."
+        ),
+    )
     temperature: float = field(
         default=1.0, metadata=_help("Distillation temperature; exact when the cache recorded it.")
     )
@@ -157,6 +178,8 @@ class TrainConfig:
             p.append("give eval_fraction or eval_cache, not both")
         if self.stop_after is not None and self.stop_after < 1:
             p.append(f"stop_after must be >= 1, got {self.stop_after}")
+        if self.student_seq_len is not None and self.student_seq_len < 2:
+            p.append(f"student_seq_len must be >= 2, got {self.student_seq_len}")
         if self.top_k is not None and self.top_k < 1:
             p.append(f"top_k must be >= 1, got {self.top_k}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
@@ -196,6 +219,9 @@ class TrainConfig:
             "order",
         )
         d = {k: getattr(self, k) for k in keep}
+        for k in ("student_tokenizer", "student_seq_len"):  # set only by cross-tokenizer runs
+            if getattr(self, k) is not None:
+                d[k] = getattr(self, k)
         d["cache_manifest_sha256"] = manifest_digest
         d["global_batch"] = self.batch_size * self.grad_accum * world_size
         return d

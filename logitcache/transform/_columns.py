@@ -10,7 +10,7 @@ Python loop runs over positions. What is checked and how values are normalised i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -18,7 +18,7 @@ import pyarrow as pa
 from logitcache.errors import ConfigError, InputError
 from logitcache.transform.layouts import Layout
 
-__all__ = ["Batch", "convert"]
+__all__ = ["Batch", "convert", "shape_of"]
 
 SUM_EPS = 1e-3
 
@@ -28,13 +28,30 @@ class Batch:
     """Converted rows of one source batch (only the good ones)."""
 
     row_id: np.ndarray  # [B] source row numbers
-    tokens: list[np.ndarray]  # each row's input ids
+    tokens: np.ndarray  # [T] the rows' input ids, concatenated
+    lengths: np.ndarray  # [B] tokens per row
     positions: np.ndarray  # [B] target positions per row
     where: np.ndarray  # [P] the token position of each target within its row
-    ids: np.ndarray  # [P, k]
-    logprobs: np.ndarray  # [P, k]
-    tail: np.ndarray  # [P]
+    ids: np.ndarray  # [P, k] int32
+    logprobs: np.ndarray  # [P, k] float32
+    tail: np.ndarray  # [P] float32
     bad: int
+
+    def drop_rows(self, n: int) -> Batch:
+        """The batch without its first ``n`` rows (a resumed import skips written rows)."""
+        cut = int(self.positions[:n].sum())
+        t_cut = int(self.lengths[:n].sum())
+        return Batch(
+            self.row_id[n:],
+            self.tokens[t_cut:],
+            self.lengths[n:],
+            self.positions[n:],
+            self.where[cut:],
+            self.ids[cut:],
+            self.logprobs[cut:],
+            self.tail[cut:],
+            self.bad,
+        )
 
 
 def _list_offsets(arr: Any) -> tuple[np.ndarray, Any]:
@@ -51,10 +68,21 @@ def _list_offsets(arr: Any) -> tuple[np.ndarray, Any]:
     return offsets - offsets[0], arr.flatten()
 
 
-def _numbers(arr: Any, dtype: Any) -> np.ndarray:
+def _numbers(arr: Any, kind: Literal["int", "float"]) -> np.ndarray:
+    """The values of a flat Arrow array as numpy, zero-copy when the type allows: any integer
+    type (``kind="int"``) or float32/float64 (``"float"``) stays as it is, anything else becomes
+    int64/float64 (the range checks and the one cast to the cache's dtypes come later)."""
     if arr.null_count:
         raise InputError("null values inside a list")
-    return np.asarray(arr.to_numpy(zero_copy_only=False), dtype=dtype)
+    a = arr.to_numpy(zero_copy_only=False)
+    if kind == "int":
+        return a if np.issubdtype(a.dtype, np.integer) else np.asarray(a, dtype=np.int64)
+    return a if a.dtype in (np.float32, np.float64) else np.asarray(a, dtype=np.float64)
+
+
+def _out_of_range(a: np.ndarray, vocab: int) -> bool:
+    """Whether any value of ``a`` lies outside ``[0, vocab)`` (two reductions, no mask)."""
+    return bool(a.size) and (int(a.min()) < 0 or int(a.max()) >= vocab)
 
 
 def convert(
@@ -69,7 +97,7 @@ def convert(
 ) -> Batch:
     n = rb.num_rows
     tok_off, tok_vals = _list_offsets(rb.column(layout.input_ids))
-    tokens_flat = _numbers(tok_vals, np.int64)
+    tokens = _numbers(tok_vals, "int")
     pos_off, entry_off, ids_flat, vals_flat, which = _targets_arrays(rb, layout)
     n_pos = np.diff(pos_off)
     widths = np.diff(entry_off)
@@ -89,21 +117,38 @@ def convert(
             layout.input_ids,
             f"longer than --seq-len {seq_len}",
         )
-    tok_rows = np.repeat(np.arange(n), lengths)
-    flag(tok_rows[(tokens_flat < 0) | (tokens_flat >= vocab)], layout.input_ids,
-         f"token ids outside the vocabulary [0, {vocab})")  # fmt: skip
+    # each check is one whole-batch reduction; the per-position detail (which rows) is
+    # computed only when that reduction finds something
+    if _out_of_range(tokens, vocab):
+        tok_rows = np.repeat(np.arange(n), lengths)
+        flag(tok_rows[(tokens < 0) | (tokens >= vocab)], layout.input_ids,
+             f"token ids outside the vocabulary [0, {vocab})")  # fmt: skip
     # only positions that will be targets are checked: a masked-out position may hold anything
     live = widths > 0
     if layout.loss_mask is not None:
         live &= _position_mask(rb.column(layout.loss_mask), pos_off)
     ids, vals, pad = _dense(ids_flat, vals_flat, entry_off, widths)
-    pad = np.isneginf(vals) if pad is None else pad | np.isneginf(vals)
-    oov = ((ids < 0) | (ids >= vocab)) & ~pad
-    flag(row_of_pos[oov.any(axis=1) & live], which, f"ids outside the vocabulary [0, {vocab})")
-    nan = np.isnan(vals) | np.isposinf(vals)
-    flag(row_of_pos[nan.any(axis=1) & live], which, "NaN or +inf values")
-    flag(row_of_pos[_repeats(ids, pad) & live], which, "an id repeated within one position")
-    ids, vals = _top(ids, np.where(nan, -np.inf, vals), k)
+    if vals.size and not vals.min() > -np.inf:  # a -inf entry (zero mass: padding), or NaN
+        pad = np.isneginf(vals) if pad is None else pad | np.isneginf(vals)
+    if _out_of_range(ids, vocab):
+        outside = (ids < 0) | (ids >= vocab)
+        oov = outside if pad is None else outside & ~pad
+        flag(row_of_pos[oov.any(axis=1) & live], which, f"ids outside the vocabulary [0, {vocab})")
+        ids = np.where(outside, 0, ids)  # bad rows are dropped; padding keeps no id
+    ids = ids.astype(np.int32, copy=False)
+    if vals.size and not vals.max() < np.inf:  # NaN or +inf somewhere
+        nan = np.isnan(vals) | np.isposinf(vals)
+        flag(row_of_pos[nan.any(axis=1) & live], which, "NaN or +inf values")
+        vals = np.where(nan, -np.inf, vals)
+    if pad is None and ids.shape[1] == k:
+        # k entries everywhere (the common case): sort each position by id here, once; the
+        # repeat check is then a comparison of neighbours, and the codec finds the ids sorted
+        ids, vals = _sort_by_id(ids, vals)
+        repeats = (ids[:, 1:] == ids[:, :-1]).any(axis=1)
+    else:
+        repeats = _repeats(ids, pad, vocab)
+        ids, vals = _top(ids, vals, k)
+    flag(row_of_pos[repeats & live], which, "an id repeated within one position")
     lp, tail, over = _normalise(vals, widths, layout, rb, pos_off)
     flag(row_of_pos[over & live], which, f"probabilities summing above 1 + {SUM_EPS:g}")
     if bad and not skip_bad_rows:
@@ -112,22 +157,46 @@ def convert(
             f"{path}: source row {base + row}, {why}; fix the source or pass --skip-bad-rows "
             "to count and skip such rows"
         )
-    keep_row = np.ones(n, dtype=bool)
-    keep_row[list(bad)] = False
-    keep_pos = np.repeat(keep_row, n_pos) & live
-    rows = np.nonzero(keep_row)[0]
-    per_row = np.bincount(row_of_pos[keep_pos], minlength=n)
     where = np.arange(len(row_of_pos)) - np.repeat(pos_off[:-1], n_pos)
+    if not bad and live.all():  # the common case: every row and position kept, no copies
+        rows, tok_keep = np.arange(n), tokens
+        keep_pos: Any = slice(None)
+        per_row = n_pos
+    else:
+        keep_row = np.ones(n, dtype=bool)
+        keep_row[list(bad)] = False
+        keep_pos = np.repeat(keep_row, n_pos) & live
+        rows = np.nonzero(keep_row)[0]
+        per_row = np.bincount(row_of_pos[keep_pos], minlength=n)[rows]
+        tok_keep = tokens[_ranges(tok_off[rows], lengths[rows])]
     return Batch(
         row_id=(rows + base).astype(np.int64),
-        tokens=[tokens_flat[tok_off[r] : tok_off[r + 1]] for r in rows.tolist()],
-        positions=per_row[rows].astype(np.int64),
+        tokens=tok_keep.astype(np.int32, copy=False),
+        lengths=lengths[rows],
+        positions=per_row.astype(np.int64),
         where=where[keep_pos],
         ids=ids[keep_pos],
-        logprobs=lp[keep_pos],
-        tail=tail[keep_pos],
+        logprobs=lp[keep_pos].astype(np.float32, copy=False),
+        tail=tail[keep_pos].astype(np.float32, copy=False),
         bad=len(bad),
     )
+
+
+def shape_of(rb: Any, layout: Layout) -> tuple[int, int]:
+    """(the longest row's tokens, the widest position's entries) of a record batch: what an
+    import takes as ``seq_len`` and ``k`` when they are not given. Offsets only, no values."""
+    tok_off, _ = _list_offsets(rb.column(layout.input_ids))
+    if layout.pairs is not None:
+        _, per_pos = _list_offsets(rb.column(layout.pairs))
+        _, pair_vals = _list_offsets(per_pos)
+        entry_off, _ = _list_offsets(pair_vals)
+        widths = np.diff(entry_off)[0::2]
+    else:
+        column = layout.records if layout.records is not None else layout.ids
+        _, per_pos = _list_offsets(rb.column(column))
+        entry_off, _ = _list_offsets(per_pos)
+        widths = np.diff(entry_off)
+    return int(np.diff(tok_off).max(initial=0)), int(widths.max(initial=0))
 
 
 def _targets_arrays(rb: Any, layout: Layout) -> tuple[Any, ...]:
@@ -138,7 +207,7 @@ def _targets_arrays(rb: Any, layout: Layout) -> tuple[Any, ...]:
         if np.any(np.diff(pair_off) != 2):
             raise InputError(f"column {layout.pairs!r}: each position must hold [ids, values]")
         entry_off, flat = _list_offsets(pair_vals)
-        nums = _numbers(flat, np.float64)
+        nums = _numbers(flat, "float")
         widths = np.diff(entry_off)
         ids = nums[_ranges(entry_off[:-1][0::2], widths[0::2])]
         vals = nums[_ranges(entry_off[:-1][1::2], widths[1::2])]
@@ -151,7 +220,7 @@ def _targets_arrays(rb: Any, layout: Layout) -> tuple[Any, ...]:
             pos_off,
             entry_off,
             _token_ids(structs),
-            _numbers(structs.field("logprob"), np.float64),
+            _numbers(structs.field("logprob"), "float"),
             layout.records,
         )
     if layout.ids is None or layout.values is None:
@@ -167,8 +236,8 @@ def _targets_arrays(rb: Any, layout: Layout) -> tuple[Any, ...]:
     return (
         pos_off,
         entry_off,
-        _numbers(id_flat, np.int64),
-        _numbers(val_flat, np.float64),
+        _numbers(id_flat, "int"),
+        _numbers(val_flat, "float"),
         layout.ids,
     )
 
@@ -185,7 +254,7 @@ def _token_ids(structs: Any) -> np.ndarray:
     """``token`` of vLLM records: an int, or a string ``"token_id:N"``."""
     tok = structs.field("token")
     if pa.types.is_integer(tok.type):
-        return _numbers(tok, np.int64)
+        return _numbers(tok, "int")
     text = np.asarray(tok.to_pylist(), dtype=object)
     try:
         return np.array([int(str(t).rsplit(":", 1)[-1]) for t in text], dtype=np.int64)
@@ -206,8 +275,8 @@ def _dense(
         return ids_flat.reshape(p, w), vals_flat.reshape(p, w), None
     col = np.arange(len(ids_flat)) - np.repeat(entry_off[:-1], widths)
     row = np.repeat(np.arange(p), widths)
-    ids = np.zeros((p, w), dtype=np.int64)
-    vals = np.full((p, w), -np.inf)
+    ids = np.zeros((p, w), dtype=ids_flat.dtype)
+    vals = np.full((p, w), -np.inf, dtype=vals_flat.dtype)
     pad = np.ones((p, w), dtype=bool)
     ids[row, col] = ids_flat
     vals[row, col] = vals_flat
@@ -215,11 +284,35 @@ def _dense(
     return ids, vals, pad
 
 
-def _repeats(ids: np.ndarray, pad: np.ndarray) -> np.ndarray:
-    """[P] flag of positions that hold an id twice (padding entries never count)."""
-    key = np.where(pad, -1 - np.arange(ids.shape[1], dtype=np.int32), ids.astype(np.int32))
+def _repeats(ids: np.ndarray, pad: np.ndarray | None, vocab: int) -> np.ndarray:
+    """[P] flag of positions that hold an id twice (padding entries never count: each gets its
+    own key past the vocabulary). ``ids``: int32, inside ``[0, vocab)``. A per-row sort of int32
+    keys (numpy's SIMD sort), then one comparison of neighbours."""
+    key = ids
+    if pad is not None:
+        key = np.where(pad, vocab + np.arange(ids.shape[1], dtype=np.int64), ids)
     srt = np.sort(key, axis=1)
     return np.asarray((srt[:, 1:] == srt[:, :-1]).any(axis=1))
+
+
+def _sort_by_id(ids: np.ndarray, vals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Ids [P, w] (int32, non-negative) ascending per position, their values alongside: one
+    SIMD sort of uint64 keys ``id << 32 | low``, ``low`` the value's bits (float32 values, no
+    gather) or the column (float64, then one gather). Where ids are distinct this is the
+    order the codec's stable sort gives, so the cache is byte-identical either way; positions
+    with a repeated id are refused or skipped."""
+    key = ids.astype(np.uint64) << np.uint64(32)
+    low = np.uint64(0xFFFFFFFF)
+    if vals.dtype == np.float32:
+        key |= vals.view(np.uint32)
+        key.sort(axis=1)
+        out_vals = (key & low).astype(np.uint32).view(np.float32)
+    else:
+        key |= np.arange(ids.shape[1], dtype=np.uint64)
+        key.sort(axis=1)
+        out_vals = np.take_along_axis(vals, (key & low).astype(np.intp), axis=1)
+    key >>= np.uint64(32)
+    return key.astype(np.int32), out_vals
 
 
 def _top(ids: np.ndarray, vals: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -230,31 +323,34 @@ def _top(ids: np.ndarray, vals: np.ndarray, k: int) -> tuple[np.ndarray, np.ndar
         return np.take_along_axis(ids, top, axis=1), np.take_along_axis(vals, top, axis=1)
     if w < k:
         ids = np.concatenate([ids, np.zeros((p, k - w), dtype=ids.dtype)], axis=1)
-        vals = np.concatenate([vals, np.full((p, k - w), -np.inf)], axis=1)
+        vals = np.concatenate([vals, np.full((p, k - w), -np.inf, dtype=vals.dtype)], axis=1)
     return ids, vals
 
 
 def _normalise(
     vals: np.ndarray, widths: np.ndarray, layout: Layout, rb: Any, pos_off: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(log-probs [P, k], tail [P], over [P] flag of sums above one)."""
+    """(log-probs [P, k], tail [P], over [P] flag of sums above one). Sums and
+    normalisers are computed in float64 whatever the source's float type; log-probs keep the
+    source's float32 when there is nothing to compute on them (cast once, by the caller)."""
     if layout.value_kind == "prob":
         with np.errstate(divide="ignore"):
-            lp = np.log(np.clip(vals, 0.0, None))
+            lp = np.log(np.clip(vals.astype(np.float64), 0.0, None))
     else:
         lp = vals
     p = lp.shape[0]
     if not layout.normalized:
+        lp = lp.astype(np.float64)
         m = np.max(lp, axis=1, keepdims=True)
         m = np.where(np.isfinite(m), m, 0.0)
         with np.errstate(divide="ignore"):
             lse = m + np.log(np.exp(lp - m).sum(axis=1, keepdims=True))
         return lp - lse, np.full(p, -np.inf), np.zeros(p, dtype=bool)
-    total = np.exp(lp).sum(axis=1)
+    total = np.exp(lp, dtype=np.float64).sum(axis=1)
     over = total > 1 + SUM_EPS
     if layout.tail is not None:
         _, t_vals = _list_offsets(rb.column(layout.tail))
-        tail = _numbers(t_vals, np.float64)
+        tail = _numbers(t_vals, "float")
         if len(tail) != p:
             raise InputError(f"column {layout.tail!r}: one tail value per target position")
         return lp, tail, over
@@ -269,15 +365,17 @@ def _position_mask(col: Any, pos_off: np.ndarray) -> np.ndarray:
     off, per = _list_offsets(col)
     if pa.types.is_list(per.type) or pa.types.is_large_list(per.type):
         e_off, flat = _list_offsets(per)
-        vals = _numbers(flat, np.int64) != 0
+        vals = _numbers(flat, "int") != 0
         any_on = np.add.reduceat(vals, e_off[:-1]) > 0 if len(vals) else np.zeros(0, bool)
         any_on = np.where(np.diff(e_off) > 0, any_on, False)
         per_pos = any_on
     else:
-        per_pos = _numbers(per, np.int64) != 0
-    out = np.zeros(int(pos_off[-1]), dtype=bool)
+        per_pos = _numbers(per, "int") != 0
     n_pos = np.diff(pos_off)
     n_mask = np.diff(off)
+    if np.array_equal(n_pos, n_mask):  # one mask entry per target position: nothing to align
+        return np.asarray(per_pos, dtype=bool)
+    out = np.zeros(int(pos_off[-1]), dtype=bool)
     take = np.minimum(n_pos, n_mask)
     src = _ranges(off[:-1], take)
     dst = _ranges(pos_off[:-1], take)

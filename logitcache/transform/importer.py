@@ -47,12 +47,15 @@ from logitcache.format.manifest import Backend, Manifest, SourceInfo, TargetsInf
 from logitcache.format.targets import TopKTargets
 from logitcache.store import CacheHeader, CacheWriter, check_output
 from logitcache.store.header import DEFAULT_COMPRESSION_LEVEL, DEFAULT_SHARD_BYTES
-from logitcache.transform._columns import Batch, convert
+from logitcache.transform._columns import Batch, convert, shape_of
 from logitcache.transform.layouts import LAYOUTS, Layout
 
 __all__ = ["ImportConfig", "ImportResult", "import_cache"]
 
 _JSON_BATCH = 1024
+_READ_BYTES = 16 << 20  # a Parquet read batch (uncompressed): what bounds the import's memory
+_CHUNK_BYTES = 4 << 20  # one conversion step (see _converted)
+_Read = tuple[str, int, Any]  # (file, its first row's number in the source, record batch)
 _CONTAINERS = {".parquet": "parquet", ".arrow": "arrow", ".feather": "arrow", ".jsonl": "jsonl"}
 
 
@@ -150,12 +153,14 @@ def import_cache(
     container = config.input_format or _container(files[0])
     vocab, tok_info = _vocabulary(config)
     start = time.perf_counter()
-    batches = _converted(files, fs, container, layout, vocab, config)
-    first = next(batches, None)
+    reads = _read_batches(files, fs, container, layout.columns())
+    first = next(reads, None)
     if first is None:
         raise InputError(f"{config.source}: no rows with targets found")
-    k = config.k or int(first.ids.shape[1])
-    seq_len = config.seq_len or max(len(t) for t in first.tokens)
+    longest, widest = shape_of(first[2], layout)
+    k = config.k or max(widest, 1)
+    seq_len = config.seq_len or max(longest, 1)
+    batches = _converted(_chain(first, reads), layout, vocab, k, config)
     header = _header(config, layout, vocab, tok_info, files, fs, k, seq_len)
     writer = CacheWriter(
         config.out,
@@ -168,9 +173,11 @@ def import_cache(
     rows = skipped = positions = 0
     with writer:
         to_skip = writer.resumed_rows
-        for batch in _chain(first, batches):
+        for batch in batches:
             skipped += batch.bad
-            batch, to_skip = _drop_resumed(batch, to_skip)
+            if to_skip:
+                drop = min(to_skip, len(batch.row_id))
+                batch, to_skip = batch.drop_rows(drop), to_skip - drop
             if not len(batch.row_id):
                 continue
             _write(writer, batch, k, seq_len, config.source)
@@ -190,7 +197,7 @@ def import_cache(
     )
 
 
-def _chain(first: Batch, rest: Iterator[Batch]) -> Iterator[Batch]:
+def _chain(first: _Read, rest: Iterator[_Read]) -> Iterator[_Read]:
     yield first
     yield from rest
 
@@ -223,15 +230,31 @@ def _container(path: str) -> str:
     return _CONTAINERS[ext]
 
 
+def _read_batches(files: list[str], fs: Any, container: str, columns: list[str]) -> Iterator[_Read]:
+    """(file, number of its first row in the whole source, record batch), in source order."""
+    base = 0
+    for path in files:
+        for rb in _record_batches(path, fs, container, columns):
+            yield path, base, rb
+            base += rb.num_rows
+
+
 def _record_batches(path: str, fs: Any, container: str, columns: list[str]) -> Iterator[Any]:
-    """Arrow record batches of the needed columns, one bounded batch at a time."""
+    """Arrow record batches of the needed columns, one bounded batch at a time (Parquet: rows
+    worth about ``_READ_BYTES`` uncompressed, by the first row group's statistics)."""
     with fs.open(path, "rb") as f:
         if container == "parquet":
             import pyarrow.parquet as pq
 
             pf = pq.ParquetFile(f)
             _check_columns(path, pf.schema_arrow.names, columns)
-            yield from pf.iter_batches(batch_size=1024, columns=columns)
+            meta = pf.metadata
+            if not meta.num_row_groups:
+                return
+            rg = meta.row_group(0)
+            row_bytes = rg.total_byte_size / max(rg.num_rows, 1)
+            batch_rows = int(min(max(_READ_BYTES // max(row_bytes, 1), 1), 1 << 16))
+            yield from pf.iter_batches(batch_size=batch_rows, columns=columns)
         elif container == "arrow":
             import pyarrow.ipc as ipc
 
@@ -290,53 +313,39 @@ def _check_columns(path: str, have: list[str], need: list[str]) -> None:
 
 
 def _converted(
-    files: list[str], fs: Any, container: str, layout: Layout, vocab: int, config: ImportConfig
+    reads: Iterator[_Read], layout: Layout, vocab: int, k: int, config: ImportConfig
 ) -> Iterator[Batch]:
-    base = 0
-    k = config.k
-    for path in files:
-        for rb in _record_batches(path, fs, container, layout.columns()):
-            batch = convert(rb, base, layout, vocab, k, config.seq_len, config.skip_bad_rows, path)
-            k = k or (int(batch.ids.shape[1]) if len(batch.row_id) else None)
-            base += rb.num_rows
-            yield batch
-
-
-def _drop_resumed(batch: Batch, to_skip: int) -> tuple[Batch, int]:
-    if to_skip <= 0:
-        return batch, 0
-    n = len(batch.row_id)
-    drop = min(n, to_skip)
-    cut = int(batch.positions[:drop].sum())
-    rest = Batch(
-        batch.row_id[drop:],
-        batch.tokens[drop:],
-        batch.positions[drop:],
-        batch.where[cut:],
-        batch.ids[cut:],
-        batch.logprobs[cut:],
-        batch.tail[cut:],
-        batch.bad,
-    )
-    return rest, to_skip - drop
+    """Converted pieces of each read batch, about ``_CHUNK_BYTES`` of source values each: the
+    conversion's and the codec's temporaries then stay in the CPU's cache (converting a whole
+    100 MB batch at once ran ~2x slower, most of it page faults on fresh temporaries)."""
+    for path, base, rb in reads:
+        n = rb.num_rows
+        step = max(1, int(_CHUNK_BYTES * n // max(rb.nbytes, 1)))
+        for lo in range(0, n, step):
+            piece = rb.slice(lo, step) if (lo or step < n) else rb
+            yield convert(
+                piece, base + lo, layout, vocab, k, config.seq_len, config.skip_bad_rows, path
+            )
 
 
 def _write(writer: CacheWriter, batch: Batch, k: int, seq_len: int, source: str) -> None:
     b = len(batch.row_id)
+    long = np.nonzero(batch.lengths > seq_len)[0]
+    if long.size:
+        i = int(long[0])
+        raise InputError(
+            f"{source}: source row {int(batch.row_id[i])} has {int(batch.lengths[i])} tokens, "
+            f"more than the cache's seq_len {seq_len} (taken from the first batch); pass --seq-len"
+        )
+    # the rows' tokens fill each row from the left: one boolean scatter, row-major
     input_ids = np.zeros((b, seq_len), dtype=np.int32)
+    input_ids[np.arange(seq_len) < batch.lengths[:, None]] = batch.tokens
     mask = np.zeros((b, seq_len), dtype=np.uint8)
-    for i, tokens in enumerate(batch.tokens):
-        if len(tokens) > seq_len:
-            raise InputError(
-                f"{source}: source row {int(batch.row_id[i])} has {len(tokens)} tokens, more than "
-                f"the cache's seq_len {seq_len} (taken from the first batch); pass --seq-len"
-            )
-        input_ids[i, : len(tokens)] = tokens
     mask[np.repeat(np.arange(b), batch.positions), batch.where] = 1
     targets = TopKTargets(
-        ids=batch.ids.astype(np.int32),
-        logprobs=batch.logprobs.astype(np.float32),
-        tail_logprob=batch.tail.astype(np.float32),
+        ids=batch.ids,
+        logprobs=batch.logprobs,
+        tail_logprob=batch.tail,
         temperature_lognorm=np.zeros((len(batch.ids), 0), dtype=np.float32),
     )
     writer.write(batch.row_id, input_ids, mask, targets)
