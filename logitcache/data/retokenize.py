@@ -30,8 +30,7 @@ Per teacher row of the batch:
    per-position target array of the batch (codes or decoded log-probs alike) is gathered at the
    paired teacher positions: ULD reads only the sorted values and the tail, never the ids.
 
-Costs: one tokenizer pass over the batch's text plus numpy per row; on 2 shared CPU cores ~5 ms
-for a batch of 8 rows of 64 tokens (tiny tokenizers), far below a step of any real student.
+Costs: one tokenizer pass over the batch's text plus numpy per row, in the loader's workers.
 Keys, pairing and statistics are shared with :meth:`Retokenizer.measure`, which the trainer
 logs before the first step (``positions paired``, ``exactly``).
 """
