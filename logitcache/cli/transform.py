@@ -24,7 +24,8 @@ _LAYOUT_HELP = "; ".join(f"{name}: {layout.description}" for name, layout in LAY
 
 
 _IMPORT_HELP = {
-    "tokenizer": "The teacher's tokenizer (directory): vocabulary size + fingerprint, recorded.",
+    "tokenizer": "The teacher's tokenizer (directory): vocabulary size + fingerprint, recorded; "
+    "its files are stored in the cache.",
     "vocab_size": "Teacher vocabulary size (without --tokenizer, or to override its length).",
     "teacher": "Teacher name to record in the manifest.",
     "seq_len": "Tokens per row (default: the longest row of the first batch).",

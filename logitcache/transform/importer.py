@@ -47,6 +47,7 @@ from logitcache.format.manifest import Backend, Manifest, SourceInfo, TargetsInf
 from logitcache.format.targets import TopKTargets
 from logitcache.store import CacheHeader, CacheWriter, check_output
 from logitcache.store.header import DEFAULT_COMPRESSION_LEVEL, DEFAULT_SHARD_BYTES
+from logitcache.store.tokenizer import tokenizer_files
 from logitcache.transform._columns import Batch, convert, shape_of
 from logitcache.transform.layouts import LAYOUTS, Layout
 
@@ -151,7 +152,7 @@ def import_cache(
     )
     files, fs = _source_files(config.source, config.storage_options)
     container = config.input_format or _container(files[0])
-    vocab, tok_info = _vocabulary(config)
+    vocab, tok_info, tok_files = _vocabulary(config)
     start = time.perf_counter()
     reads = _read_batches(files, fs, container, layout.columns())
     first = next(reads, None)
@@ -169,6 +170,7 @@ def import_cache(
         overwrite=config.overwrite,
         resume=config.resume,
         storage_options=config.storage_options,
+        tokenizer_files=tok_files,  # --tokenizer: the cache stores it (format 1.3)
     )
     rows = skipped = positions = 0
     with writer:
@@ -354,9 +356,10 @@ def _write(writer: CacheWriter, batch: Batch, k: int, seq_len: int, source: str)
 # -- identity ---------------------------------------------------------------------------------
 
 
-def _vocabulary(config: ImportConfig) -> tuple[int, SourceInfo]:
+def _vocabulary(config: ImportConfig) -> tuple[int, SourceInfo, dict[str, bytes]]:
+    """Vocabulary size, tokenizer identity and the tokenizer's files (stored in the cache)."""
     if config.tokenizer is None:
-        return int(config.vocab_size or 0), SourceInfo("unknown", None, None)
+        return int(config.vocab_size or 0), SourceInfo("unknown", None, None), {}
     from logitcache.format.fingerprint import tokenizer_fingerprint
 
     try:
@@ -367,7 +370,7 @@ def _vocabulary(config: ImportConfig) -> tuple[int, SourceInfo]:
         raise ConfigError(f"--tokenizer {config.tokenizer}: cannot load it ({e})") from e
     vocab = config.vocab_size or len(tok)
     name = os.path.basename(config.tokenizer.rstrip("/")) or config.tokenizer
-    return vocab, SourceInfo(name, None, tokenizer_fingerprint(tok))
+    return vocab, SourceInfo(name, None, tokenizer_fingerprint(tok)), tokenizer_files(tok)
 
 
 def _header(

@@ -144,3 +144,20 @@ def test_overwrite_and_resume_keep_the_tokenizer(
     _dump(tiny_teacher_dir, data, out, "--overwrite")  # tokenizer/ belongs to a cache
     verify_cache(str(out))
     assert CacheReader(str(out)).manifest.tokenizer.files
+
+
+def test_import_with_tokenizer_stores_it(
+    cache: Path, tmp_path: Path, tiny_teacher_dir: Path
+) -> None:
+    from logitcache.transform.exporter import export_cache
+    from logitcache.transform.importer import ImportConfig, import_cache
+
+    export_cache(str(cache), str(tmp_path / "parquet"), layout="plain")
+    out = str(tmp_path / "imported")
+    import_cache(ImportConfig(str(tmp_path / "parquet"), out, tokenizer=str(tiny_teacher_dir)))
+    m = CacheReader(out).manifest
+    assert [f.sha256 for f in m.tokenizer.files] == [
+        f.sha256 for f in CacheReader(str(cache)).manifest.tokenizer.files
+    ]
+    verify_cache(out)
+    assert tokenizer_fingerprint(cache_tokenizer(out)) == m.tokenizer.fingerprint
