@@ -14,6 +14,15 @@ vocabulary dumped over disjoint data (e.g. by different teams or jobs). Shards a
 the output as ``shards/m<source>-<name>``; row ids must not collide - a merge that finds a row
 id in two sources is refused (re-dump one of them with row ids offset, rather than silently
 remapping ids that students may use to address targets).
+
+Besides those fields, a merge compares what each dump recorded about its targets
+(``extra.dump``: recipe, teacher dtype, sampling seed and rule, teacher file...) where the
+sources record it. It does not compare how a dump ran or split its rows (:data:`DUMP_RUN_FIELDS`:
+``extra.dump.run`` with the tensor-parallel degree, data-parallel groups and device map, the
+number of writers, the row recipe of the source's own data): a cache dumped with
+``--tensor-parallel 2`` merges with one dumped by one process or with ``--device-map auto``. The
+merged manifest keeps the agreed ``extra.dump`` (when every source records one) and lists each
+source's own run fields under ``extra.merged_from[i].dump``.
 """
 
 from __future__ import annotations
@@ -59,6 +68,10 @@ MERGE_FIELDS = (
     "teacher",
     "tokenizer",
 )
+# What a dump recorded about how it ran and built its rows (``extra.dump``), not about its
+# targets: free to differ between the sources of a merge (store/header.py drop_run_info: the same
+# rule for a resume, where only ``run`` is free, because a resume continues the same rows).
+DUMP_RUN_FIELDS = ("run", "world_size", "rank_split", "input", "special_tokens")
 Progress = Callable[[int, int], None]
 
 
@@ -157,20 +170,37 @@ def copy_cache(
     return CopyReport(copied, skipped, nbytes, m.content_digest)
 
 
+def _dump_fields(m: Manifest) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """``extra.dump`` split into (what the targets are, how the dump ran); None if absent."""
+    dump = m.extra.get("dump")
+    if not isinstance(dump, Mapping):
+        return None
+    ident = {k: v for k, v in dump.items() if k not in DUMP_RUN_FIELDS}
+    return ident, {k: v for k, v in dump.items() if k in DUMP_RUN_FIELDS}
+
+
 def _check_agree(sources: Sequence[str], manifests: Sequence[Manifest]) -> None:
-    def fields(m: Manifest) -> dict[str, Any]:
+    dumps = [_dump_fields(m) for m in manifests]
+    # extra.dump is compared with the first source that records one, where both record it
+    ref = next((d[0] for d in dumps if d is not None), None)
+
+    def fields(m: Manifest, dump: tuple[dict[str, Any], dict[str, Any]] | None) -> dict[str, Any]:
         d = m.to_dict()
         d["tokenizer"].pop("files", None)  # the fingerprint says whether tokenizers agree
-        return {k: d[k] for k in MERGE_FIELDS}
+        out = {k: d[k] for k in MERGE_FIELDS}
+        out["extra"] = {"dump": dump[0] if dump is not None else ref}
+        return out
 
-    for url, m in zip(sources[1:], manifests[1:], strict=True):
-        changed = first_difference(fields(manifests[0]), fields(m))
+    first = fields(manifests[0], dumps[0])
+    for url, m, dump in zip(sources[1:], manifests[1:], dumps[1:], strict=True):
+        changed = first_difference(first, fields(m, dump))
         if changed is not None:
             where, ours, theirs = changed
             raise ConfigError(
                 f"cannot merge {url} with {sources[0]}: they differ in {where} ({ours!r} vs "
                 f"{theirs!r}); only caches of the same teacher, tokenizer, codec, seq_len and "
-                "vocabulary can be merged"
+                "vocabulary, dumped the same way (how the dump ran may differ: tensor parallel, "
+                "ranks, device map), can be merged"
             )
 
 
@@ -233,12 +263,7 @@ def merge_caches(
                 + ", ".join(m.dataset.name or u for m, u in zip(manifests, sources, strict=True)),
                 fingerprint=hashlib.sha256(json.dumps(fingerprints).encode()).hexdigest(),
             ),
-            extra={
-                "merged_from": [
-                    {"url": u, "content_digest": m.content_digest, "dataset": m.dataset.to_dict()}
-                    for u, m in zip(sources, manifests, strict=True)
-                ]
-            },
+            extra=_merged_extra(sources, manifests),
             created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         )
         lock.check()
@@ -246,6 +271,22 @@ def merge_caches(
     finally:
         lock.release()
     return manifest
+
+
+def _merged_extra(sources: Sequence[str], manifests: Sequence[Manifest]) -> dict[str, Any]:
+    """The merged cache's ``extra``: the agreed ``extra.dump`` (if every source records one)
+    and, per source, its digest, dataset and how its dump ran."""
+    dumps = [_dump_fields(m) for m in manifests]
+    merged_from = []
+    for u, m, dump in zip(sources, manifests, dumps, strict=True):
+        entry = {"url": u, "content_digest": m.content_digest, "dataset": m.dataset.to_dict()}
+        if dump is not None:
+            entry["dump"] = dump[1]
+        merged_from.append(entry)
+    extra: dict[str, Any] = {"merged_from": merged_from}
+    if dumps[0] is not None and all(d is not None for d in dumps):
+        extra["dump"] = dumps[0][0]  # what they agree on (_check_agree)
+    return extra
 
 
 def _copy_shard(
