@@ -62,7 +62,7 @@ import torch
 from logitcache._smollm2 import smollm2_dir
 from logitcache.dump import DumpConfig, run_dump
 from logitcache.dump.inputs import InputOptions, TokenBatch, iter_batches, iter_rows
-from logitcache.dump.sparsify import SparsifyConfig, sparsify_batch
+from logitcache.dump.sparsify import SparsifyConfig, sparsify_batch, sparsify_chunk
 from logitcache.dump.teacher import Teacher, load_teacher
 
 
@@ -95,6 +95,29 @@ def time_sparsify(teacher: Teacher, batches: list[TokenBatch], config: SparsifyC
     for b in batches:
         sparsify_batch(teacher, b.input_ids, b.loss_mask, b.row_ids, config)
     return time.perf_counter() - start
+
+
+def time_sampling_rules(
+    teacher: Teacher, batch: TokenBatch, samples: int, repeats: int, positions: int = 512
+) -> dict[str, float]:
+    """Seconds of ``sparsify_chunk`` (sampled, no forward) on ``positions`` real logits of
+    ``batch``, per sampling rule: the rule's own cost, min of ``repeats``."""
+    with torch.no_grad():
+        ids = torch.as_tensor(batch.input_ids, dtype=torch.long).to(teacher.device)
+        logits = teacher.model(ids, use_cache=False).logits
+        z = logits.reshape(-1, logits.shape[-1])[:positions, : teacher.real_vocab_size].float()
+    rows = torch.arange(z.shape[0], device=z.device)
+    best: dict[str, float] = {}
+    for _ in range(repeats):
+        for rule in ("inverse-cdf", "tree"):
+            x = z.clone()
+            _sync(z.device)
+            start = time.perf_counter()
+            sparsify_chunk(x, method="sampled", k=1, samples=samples, seed=0, temperatures=(),
+                           row_ids=rows, positions=rows, sampling_rule=rule)  # fmt: skip
+            _sync(z.device)
+            best[rule] = min(best.get(rule, float("inf")), time.perf_counter() - start)
+    return best
 
 
 def _dump_config(args: argparse.Namespace, teacher: str, data: Path, out: Path, **kw: Any) -> Any:
@@ -139,6 +162,8 @@ def tp_worker(args: argparse.Namespace) -> None:
         dump.append(result.seconds)
     sampled = _dump_config(args, args.teacher, data, work / "tp_sampled", tensor_parallel=t)
     run_dump(replace(sampled, method="sampled", samples=args.samples))
+    old_rule = _dump_config(args, args.teacher, data, work / "tp_icdf", tensor_parallel=t)
+    run_dump(replace(old_rule, method="sampled", samples=args.samples, sampling_rule="inverse-cdf"))
     if info.rank == 0:
         out = {"forward": min(forward), "dump": min(dump), "bytes": teacher.parameter_bytes()}
         (work / "tp.json").write_text(json.dumps(out))
@@ -166,7 +191,11 @@ def _agreement(one: Path, other: Path) -> dict[str, float]:
             da, db = np.repeat(ta.ids, ta.counts), np.repeat(tb.ids, tb.counts)
             same_sets += int((da == db).sum()) if da.shape == db.shape else 0
             positions += da.size
-    return {"ids": same_sets / max(positions, 1), "codes": same_codes / max(codes, 1)}
+    return {
+        "ids": same_sets / max(positions, 1),
+        "codes": same_codes / max(codes, 1),
+        "draws": positions,
+    }
 
 
 def tp_main(args: argparse.Namespace, teacher_path: str) -> None:
@@ -178,6 +207,8 @@ def tp_main(args: argparse.Namespace, teacher_path: str) -> None:
     one = run_dump(_dump_config(args, teacher_path, data, work / "one"))
     sampled = _dump_config(args, teacher_path, data, work / "one_sampled")
     run_dump(replace(sampled, method="sampled", samples=args.samples))
+    old_rule = _dump_config(args, teacher_path, data, work / "one_icdf")
+    run_dump(replace(old_rule, method="sampled", samples=args.samples, sampling_rule="inverse-cdf"))
     t = args.tensor_parallel
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
            str(t), __file__, "--tp-worker", str(work), "--teacher", teacher_path,
@@ -192,11 +223,14 @@ def tp_main(args: argparse.Namespace, teacher_path: str) -> None:
     tp = json.loads((work / "tp.json").read_text())
     topk = _agreement(work / "one", work / "tp")
     drawn = _agreement(work / "one_sampled", work / "tp_sampled")
+    drawn_old = _agreement(work / "one_icdf", work / "tp_icdf")
     report = {
         "tp": t,
         "tp_topk_id_agreement": round(topk["ids"], 5),
         "tp_code_agreement": round(topk["codes"], 5),
         "tp_sampled_id_agreement": round(drawn["ids"], 5),
+        "tp_sampled_id_agreement_inverse_cdf": round(drawn_old["ids"], 5),
+        "tp_sampled_draws": drawn["draws"],
         "tp_param_bytes_per_rank_ratio": round(tp["bytes"] / teacher.parameter_bytes(), 4),
         "tp_dump_overhead_ratio": round(tp["dump"] / tp["forward"], 4),
         "tp_dump_seconds": round(tp["dump"], 3),
@@ -210,7 +244,7 @@ def tp_main(args: argparse.Namespace, teacher_path: str) -> None:
         "k": args.k,
     }
     print(f"TP={t}: top-k id sets equal on {topk['ids']:.4%}, codes {topk['codes']:.4%}, "
-          f"draws {drawn['ids']:.4%}; parameters per rank "
+          f"draws {drawn['ids']:.4%} (inverse CDF: {drawn_old['ids']:.4%}); parameters per rank "
           f"x{report['tp_param_bytes_per_rank_ratio']}; TP dump / bare TP forward "
           f"{report['tp_dump_overhead_ratio']:.3f}")  # fmt: skip
     print(json.dumps(report))
@@ -278,6 +312,7 @@ def main() -> None:
         busy = result.writer_busy_seconds
         print(f"repeat {r}: teacher {t_teacher[-1]:.2f} s, sparsify {t_sparsify[-1]:.2f} s, "
               f"dump {t_dump[-1]:.2f} s (writer thread busy {busy:.2f} s)")  # fmt: skip
+    rules = time_sampling_rules(teacher, batches[0], args.samples, args.repeats)
     m = result.manifest
     best = {"teacher": min(t_teacher), "sparsify": min(t_sparsify), "dump": min(t_dump)}
     report = {
@@ -286,6 +321,12 @@ def main() -> None:
         "teacher_tokens_per_s": round(n_tokens / best["teacher"], 1),
         "sparsify_tokens_per_s": round(n_tokens / best["sparsify"], 1),
         "dump_tokens_per_s": round(n_tokens / best["dump"], 1),
+        "sampling_tree_vs_inverse_cdf_ratio": round(rules["tree"] / rules["inverse-cdf"], 4),
+        "sampling_tree_ms": round(rules["tree"] * 1e3, 1),
+        "sampling_inverse_cdf_ms": round(rules["inverse-cdf"] * 1e3, 1),
+        "sampling_forward_ms_same_positions": round(
+            best["teacher"] / len(batches) * 512 / (args.batch_size * args.seq_len) * 1e3, 1
+        ),
         "writer_busy_fraction": round(result.writer_busy_seconds / t_dump[-1], 4),
         "bytes_per_position": round(m.num_bytes / max(m.num_positions, 1), 2),
         "bytes_per_entry": round(m.num_bytes / max(m.num_positions * args.k, 1), 3),

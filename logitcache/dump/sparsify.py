@@ -44,11 +44,16 @@ top-k and a scatter, each over the whole [N, V] chunk) 371 ms, this one 172 ms w
 whole ``sparsify_batch`` took 2,218 ms against 2,167 ms for the plain forward with its full
 logits (``scripts/bench_dump.py`` reports the end-to-end ratios).
 
-Sampling is inverse-CDF (``searchsorted`` on the cumulative probabilities) driven by a
-counter-based hash of ``(seed, row_id, position, draw)`` instead of a stateful generator: a draw
-depends on nothing else, so it is the same whatever the batch composition, chunk size or device.
-Uniforms have 24 bits, like the float32 CDF, so ids with p below ~6e-8 are (almost) never drawn:
-a bias far below anything a loss can see.
+Sampling is driven by a counter-based hash of ``(seed, row_id, position, draw)`` (and the tree
+level) instead of a stateful generator: a draw depends on nothing else, so it is the same
+whatever the batch composition, chunk size or device. Two rules turn the uniforms into ids
+(``SparsifyConfig.sampling_rule``): ``"tree"`` (the default; :mod:`logitcache.dump.tree_sampling`:
+one uniform per level of a binary tree over the ids, a draw that the logits' rounding, e.g. a
+tensor-parallel forward, almost never moves; the blocks keep only the tree's masses of groups of
+32 ids and the walk runs once per chunk) and ``"inverse-cdf"`` (the rule of older caches:
+``searchsorted`` of one uniform on the float32 cumulative probabilities, per block). Uniforms have
+24 bits, so ids with p below ~6e-8 (a conditional below 2^-24 in the tree) are (almost) never
+drawn: a bias far below anything a loss can see.
 """
 
 from __future__ import annotations
@@ -174,11 +179,15 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
 
 
 def uniforms(
-    seed: int, row_ids: torch.Tensor, positions: torch.Tensor, num_draws: int, levels: int = 0
+    seed: int,
+    row_ids: torch.Tensor,
+    positions: torch.Tensor,
+    num_draws: int,
+    levels: int | None = None,
 ) -> torch.Tensor:
     """[N, num_draws] float32 uniforms in (0, 1), a pure function of (seed, row, position, draw)
-    (the inverse-CDF rule's). With ``levels`` > 0: [levels, N, num_draws], one per tree level
-    (the tree rule's streams 1 .. levels; stream 0, the default, is unchanged)."""
+    (the inverse-CDF rule's). With ``levels``: [levels, N, num_draws], one per tree level (the
+    tree rule's streams 1 .. levels; stream 0, the default, is unchanged)."""
     dev = row_ids.device
     h = torch.full_like(row_ids, (seed & _M32) ^ 0x9E3779B9)
     h = _mix32(h)
@@ -188,7 +197,7 @@ def uniforms(
     h = _mix32(h ^ (positions & _M32))
     draws = torch.arange(num_draws, device=dev, dtype=torch.int64)
     g = _mix32(h[:, None] ^ (draws[None, :] * 0x9E3779B9 & _M32))
-    if levels:  # stream s: mix(g ^ s * c); stream 0 (mix(g)) is the inverse-CDF rule's
+    if levels is not None:  # stream s: mix(g ^ s * c); stream 0 (mix(g)) is the inverse-CDF rule's
         streams = torch.arange(1, levels + 1, device=dev, dtype=torch.int64) * 0x85EBCA6B & _M32
         g = g[None] ^ streams[:, None, None]
     g = _mix32(g)

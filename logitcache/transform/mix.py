@@ -45,6 +45,7 @@ from logitcache.format.manifest import Manifest, SourceInfo, TargetsInfo
 from logitcache.format.targets import TopKTargets
 from logitcache.store import CacheHeader, CacheReader, CacheWriter
 from logitcache.store.header import DEFAULT_SHARD_BYTES
+from logitcache.store.tokenizer import read_tokenizer_files
 
 __all__ = ["MixResult", "mix_caches", "mix_topk"]
 
@@ -169,7 +170,12 @@ def mix_caches(
     )
     moved, positions = 0.0, 0
     writer = CacheWriter(
-        out, header, shard_bytes=shard_bytes, overwrite=overwrite, storage_options=storage_options
+        out,
+        header,
+        shard_bytes=shard_bytes,
+        overwrite=overwrite,
+        storage_options=storage_options,
+        tokenizer_files=_tokenizer_files(readers),  # the sources' (format 1.3)
     )
     with writer:
         for (row_id, input_ids, loss_mask), parts in _aligned_batches(sources, readers):
@@ -192,6 +198,14 @@ def _weights(weights: Sequence[float] | None, n: int) -> tuple[float, ...]:
         raise ConfigError(f"--weights must be finite, >= 0 and not all 0, got {list(weights)}")
     total = float(sum(weights))
     return tuple(float(x) / total for x in weights)
+
+
+def _tokenizer_files(readers: Sequence[CacheReader]) -> dict[str, bytes] | None:
+    """The tokenizer's files of the first source that stores them (sources share a tokenizer)."""
+    for r in readers:
+        if r.manifest.tokenizer.files:
+            return read_tokenizer_files(r.loc, r.manifest)
+    return None
 
 
 def _check_sources(sources: Sequence[str], manifests: Sequence[Manifest]) -> None:

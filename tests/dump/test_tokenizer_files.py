@@ -161,3 +161,15 @@ def test_import_with_tokenizer_stores_it(
     ]
     verify_cache(out)
     assert tokenizer_fingerprint(cache_tokenizer(out)) == m.tokenizer.fingerprint
+
+
+def test_mix_carries_the_tokenizer(cache: Path, tmp_path: Path) -> None:
+    from logitcache.transform.mix import mix_caches
+
+    out = str(tmp_path / "mixed")
+    mix_caches(out, [str(cache), str(cache)])
+    assert (
+        CacheReader(out).manifest.tokenizer.files
+        == CacheReader(str(cache)).manifest.tokenizer.files
+    )
+    verify_cache(out)
