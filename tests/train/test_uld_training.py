@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from conftest import TINY_CORPUS, build_tiny_llama
 
@@ -141,13 +142,20 @@ def test_loader_batches_are_in_the_students_tokens(setup: dict[str, Any]) -> Non
     retok = Retokenizer(cache_tokenizer(reader), tok, 48)
     loader = make_loader(str(setup["cache"]), 4, order="sequential", transform=retok)
     batch = next(iter(loader))
+    loader.close()
+    # in a worker process (the transform is pickled with the dataset): the same batch
+    in_worker = make_loader(str(setup["cache"]), 4, order="sequential", transform=retok,
+                            num_workers=1)  # fmt: skip
+    other = next(iter(in_worker))
+    in_worker.close()
+    for key in ("input_ids", "target_index", "target_labels", "logprobs", "tail_logprob"):
+        assert torch.equal(batch[key], other[key]), key
     assert batch["input_ids"].shape == (4, 48) and int(batch["input_ids"].max()) < len(tok)
     n = batch["target_index"].numel()
     assert n > 0 and batch["logprobs"].shape == (n, K) and batch["target_labels"].shape == (n,)
     flat, idx = batch["input_ids"].flatten(), batch["target_index"]
     inside = idx % 48 != 47  # a row's last position predicts the first token beyond the cut
     assert (batch["target_labels"][inside] == flat[idx[inside] + 1]).all()
-    loader.close()
 
 
 def test_uld_trains_a_student_of_another_tokenizer(
