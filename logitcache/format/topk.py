@@ -91,11 +91,11 @@ def _stable_id_order(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     and its two gathers, which were the largest single cost of encoding."""
     if ids.size and bool((ids[:, 1:] >= ids[:, :-1]).all()):
         return ids, None
-    k = ids.shape[1]
-    key = ids.astype(np.uint64) << np.uint64(32)
-    key |= np.arange(k, dtype=np.uint64)
+    key = ids.astype(np.uint64)
+    key <<= np.uint64(32)
+    key |= np.arange(ids.shape[1], dtype=np.uint64)
     key.sort(axis=1)
-    order = (key & np.uint64(0xFFFFFFFF)).astype(np.intp)
+    order = key.astype(np.uint32).astype(np.intp)  # the cast keeps the low 32 bits
     key >>= np.uint64(32)
     return key.view(np.int64), order
 

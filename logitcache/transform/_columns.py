@@ -301,16 +301,16 @@ def _sort_by_id(ids: np.ndarray, vals: np.ndarray) -> tuple[np.ndarray, np.ndarr
     gather) or the column (float64, then one gather). Where ids are distinct this is the
     order the codec's stable sort gives, so the cache is byte-identical either way; positions
     with a repeated id are refused or skipped."""
-    key = ids.astype(np.uint64) << np.uint64(32)
-    low = np.uint64(0xFFFFFFFF)
+    key = ids.astype(np.uint64)
+    key <<= np.uint64(32)
     if vals.dtype == np.float32:
         key |= vals.view(np.uint32)
         key.sort(axis=1)
-        out_vals = (key & low).astype(np.uint32).view(np.float32)
+        out_vals = key.astype(np.uint32).view(np.float32)  # the cast keeps the low 32 bits
     else:
         key |= np.arange(ids.shape[1], dtype=np.uint64)
         key.sort(axis=1)
-        out_vals = np.take_along_axis(vals, (key & low).astype(np.intp), axis=1)
+        out_vals = np.take_along_axis(vals, key.astype(np.uint32).astype(np.intp), axis=1)
     key >>= np.uint64(32)
     return key.astype(np.int32), out_vals
 

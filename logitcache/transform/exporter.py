@@ -46,6 +46,7 @@ __all__ = ["EXPORT_LAYOUTS", "ExportResult", "export_cache"]
 EXPORT_LAYOUTS = ("plain", "axolotl")
 _ROW_GROUP_BYTES = 32 << 20
 _FILE_BYTES = 512 << 20
+_SORT_POSITIONS = 4096  # positions per block of _most_likely_first
 
 
 @dataclass(frozen=True)
@@ -145,13 +146,12 @@ def _table(
 ) -> Any:
     b, s = input_ids.shape
     k = t.k
-    order = np.argsort(-t.logprobs, axis=1, kind="stable")  # most likely first
-    ids = np.take_along_axis(t.ids, order, axis=1).astype(np.int32)
-    lps = np.take_along_axis(t.logprobs, order, axis=1).astype(np.float32)
+    ids, lps = _most_likely_first(t.ids, t.logprobs)
     mask = loss_mask.astype(bool)
-    tokens = pa.FixedSizeListArray.from_arrays(pa.array(input_ids.reshape(-1).astype(np.int32)), s)
     cols: dict[str, Any] = {"row_id": pa.array(row_id.astype(np.int64))}
-    cols["input_ids"] = pa.ListArray.from_arrays(_offsets(b, s), tokens.flatten())
+    cols["input_ids"] = pa.ListArray.from_arrays(
+        _offsets(b, s), pa.array(input_ids.reshape(-1).astype(np.int32, copy=False))
+    )
     if layout == "axolotl":
         dense_ids = np.zeros((b, s, k), dtype=np.int32)
         dense_lp = np.full((b, s, k), -np.inf, dtype=np.float32)
@@ -180,6 +180,39 @@ def _table(
         tail[mask] = t.tail_logprob
         cols["tail_logprob"] = pa.ListArray.from_arrays(_offsets(b, s), pa.array(tail.reshape(-1)))
     return pa.table(cols)
+
+
+def _most_likely_first(ids: np.ndarray, logprobs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each position's entries by decreasing log-prob, ties by increasing id: ids int32 and
+    log-probs float32 [P, k]. The same order as a stable argsort of ``-logprobs`` over entries
+    decoded in id order, computed as one SIMD sort of uint64 keys ``d(lp) << 32 | id`` (``d``
+    maps float32 bits to an unsigned key that grows as the log-prob falls), and read back from
+    the sorted keys: no argsort, no gathers (the argsort and its two gathers were ~30% of an
+    export). Ids that do not come ascending (not what the codec decodes) take the gather path.
+    Runs over blocks of ``_SORT_POSITIONS`` positions, whose temporaries stay in cache."""
+    ids = np.asarray(ids)
+    out_ids = np.empty(ids.shape, dtype=np.int32)
+    out_lps = np.empty(ids.shape, dtype=np.float32)
+    for lo in range(0, ids.shape[0], _SORT_POSITIONS):
+        hi = lo + _SORT_POSITIONS
+        out_ids[lo:hi], out_lps[lo:hi] = _sorted_block(ids[lo:hi], logprobs[lo:hi])
+    return out_ids, out_lps
+
+
+def _sorted_block(ids: np.ndarray, logprobs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    lp = np.asarray(logprobs, dtype=np.float32) + np.float32(0.0)  # -0.0 -> +0.0: one key
+    u = lp.view(np.uint32)
+    positive = (u >> np.uint32(31)) == 0
+    u = u ^ np.where(positive, np.uint32(0x7FFFFFFF), np.uint32(0))  # negative floats: as is
+    key = u.astype(np.uint64) << np.uint64(32)
+    ascending = ids.shape[1] < 2 or bool((ids[:, 1:] >= ids[:, :-1]).all())
+    key |= (ids if ascending else np.arange(ids.shape[1])).astype(np.uint64)
+    key.sort(axis=1)
+    low = (key & np.uint64(0xFFFFFFFF)).astype(np.int64)
+    out_ids = low if ascending else np.take_along_axis(ids, low, axis=1)
+    hi = (key >> np.uint64(32)).astype(np.uint32)
+    hi ^= np.where((hi >> np.uint32(31)) == 0, np.uint32(0x7FFFFFFF), np.uint32(0))
+    return out_ids, hi.view(np.float32)
 
 
 def _offsets(n: int, width: int) -> Any:

@@ -46,12 +46,16 @@ from logitcache.format import TopKCodec
 from logitcache.format.manifest import Backend, Manifest, SourceInfo, TargetsInfo
 from logitcache.format.targets import TopKTargets
 from logitcache.store import CacheHeader, CacheWriter, check_output
-from logitcache.store.header import DEFAULT_COMPRESSION_LEVEL, DEFAULT_SHARD_BYTES
+from logitcache.store.header import DEFAULT_SHARD_BYTES
 from logitcache.store.tokenizer import tokenizer_files
 from logitcache.transform._columns import Batch, convert, shape_of
 from logitcache.transform.layouts import LAYOUTS, Layout
 
-__all__ = ["ImportConfig", "ImportResult", "import_cache"]
+__all__ = ["IMPORT_COMPRESSION_LEVEL", "ImportConfig", "ImportResult", "import_cache"]
+
+#: zstd level of an imported cache's shards (a dump writes DEFAULT_COMPRESSION_LEVEL, 15): see
+#: the module docstring for the measured trade-off
+IMPORT_COMPRESSION_LEVEL = 3
 
 _JSON_BATCH = 1024
 _READ_BYTES = 16 << 20  # a Parquet read batch (uncompressed): what bounds the import's memory
@@ -77,7 +81,7 @@ class ImportConfig:
     values: str = "sqrt"
     backend: Backend = "zarr"
     shard_bytes: int = DEFAULT_SHARD_BYTES
-    compression_level: int = DEFAULT_COMPRESSION_LEVEL
+    compression_level: int = IMPORT_COMPRESSION_LEVEL
     resume: bool = False
     overwrite: bool = False
     storage_options: Mapping[str, Any] | None = None
