@@ -4,7 +4,7 @@ The public API, importable from the top level (loaded on first use, so ``import 
 the CLI stay fast):
 
 - the cache: :class:`CacheWriter`, :class:`CacheHeader`, :class:`CacheReader`,
-  :func:`finalize_cache`; format: :class:`Manifest`, :class:`TopKCodec`, :class:`SampledCodec`,
+  :func:`finalize_cache`, :func:`cache_tokenizer` (the tokenizer a cache stores); format: :class:`Manifest`, :class:`TopKCodec`, :class:`SampledCodec`,
   :class:`TopKTargets`, :class:`SampledTargets`, :class:`TargetsInfo`, :class:`SourceInfo`;
 - training data: :func:`make_loader`, :func:`teacher_targets`, :class:`RowSampler`;
 - losses: :func:`kd_loss`, :func:`fused_linear_kd_loss`, :class:`SparseKDLoss`,
@@ -30,6 +30,7 @@ _LAZY = {
     "CacheReader": "logitcache.store",
     "CacheWriter": "logitcache.store",
     "finalize_cache": "logitcache.store",
+    "cache_tokenizer": "logitcache.store.tokenizer",
     "Manifest": "logitcache.format",
     "SampledCodec": "logitcache.format",
     "SampledTargets": "logitcache.format",
