@@ -155,9 +155,11 @@ class CachedLogitDataset(_CacheSource, torch.utils.data.Dataset[dict[str, Any]])
 class StreamingLogitDataset(_CacheSource, torch.utils.data.IterableDataset[dict[str, Any]]):
     """Iterable: this worker's batches of ``sampler``, shards read ahead in a thread pool.
 
-    ``readahead``: shards fetched ahead of the one being consumed (and fetch threads). The sampler
-    must use a ``"streaming"`` or ``"sequential"`` order (a random order would fetch a shard per
-    row: use :class:`CachedLogitDataset`). Use with ``DataLoader(ds, batch_size=None)``.
+    ``readahead``: shards fetched ahead of those the current batch needs (and fetch threads);
+    None (default): the sampler's ``window_shards``, so the next window loads while the current
+    one is consumed (see :func:`_read_ahead`). The sampler must use a ``"streaming"`` or
+    ``"sequential"`` order (a random order would fetch a shard per row: use
+    :class:`CachedLogitDataset`). Use with ``DataLoader(ds, batch_size=None)``.
     """
 
     def __init__(
@@ -166,7 +168,7 @@ class StreamingLogitDataset(_CacheSource, torch.utils.data.IterableDataset[dict[
         sampler: RowSampler,
         *,
         options: TargetOptions | None = None,
-        readahead: int = 2,
+        readahead: int | None = None,
         verify: bool = True,
         storage_options: Mapping[str, Any] | None = None,
     ) -> None:
@@ -185,6 +187,8 @@ class StreamingLogitDataset(_CacheSource, torch.utils.data.IterableDataset[dict[
             )
         if list(sampler.shard_offsets[1:] - sampler.shard_offsets[:-1]) != self.shard_sizes:
             raise ConfigError("the sampler was built for another cache (shard sizes differ)")
+        if readahead is None:
+            readahead = sampler.window_shards
         if isinstance(readahead, bool) or not isinstance(readahead, int) or readahead < 1:
             raise ConfigError(f"readahead must be an integer >= 1, got {readahead!r}")
         self.sampler = sampler
@@ -214,6 +218,13 @@ def _read_ahead(
     its first batch comes within reach (in first-use order: the current batch's shards, then the
     next ``ahead``) and dropped right after its **last** batch: it is decoded once per epoch even
     when a window's shuffle leaves a long gap between two of its rows.
+
+    ``ahead`` should cover a whole window (the default): a window's first batch needs nearly all
+    its shards at once (3.6 of 4 on average at batch 8), so with ``ahead=2`` the last ones were
+    only submitted when that batch asked for them and the worker stalled for a shard's
+    decompression at every window boundary, leaving a core idle (issue 17's 1-worker figure). A
+    window ahead, they decompress during the previous window: the cost is memory, two windows of
+    decoded shards per worker instead of a window and two shards.
     """
     planned = []
     first_use: dict[int, int] = {}

@@ -104,7 +104,7 @@ class CachedLogitLoader:
         device: torch.device | str | None = None,
         options: TargetOptions | None = None,
         window_shards: int | None = None,
-        readahead: int = 2,
+        readahead: int | None = None,
         drop_last: bool = False,
         verify: bool = True,
         timeout: float = 300.0,
@@ -262,8 +262,8 @@ def make_loader(
     ``student_vocab``: see
     :class:`~logitcache.data.collate.TargetOptions` (``transform`` too). Other keyword arguments
     go to :class:`CachedLogitLoader` (``split``: ``("train" | "eval", held-out fraction)``,
-    ``window_shards``, ``readahead``, ``drop_last``, ``verify``,
-    ``timeout``, ``max_cached_shards``, ``storage_options``, ``background``).
+    ``window_shards``, ``readahead`` (shards read ahead; default: a window's), ``drop_last``,
+    ``verify``, ``timeout``, ``max_cached_shards``, ``storage_options``, ``background``).
     """
     options = TargetOptions(
         top_k=top_k,

@@ -144,7 +144,7 @@ class TrainConfig:
     storage_options: Mapping[str, Any] = field(
         default_factory=dict, metadata=_help("fsspec options for the caches' filesystem.")
     )
-    readahead: int = field(default=2, metadata=_help("Shards fetched ahead while streaming."))
+    readahead: int = field(default=4, metadata=_help("Shards fetched ahead while streaming."))
     local_cache: str | None = field(
         default=None,
         metadata=_help(
