@@ -34,8 +34,9 @@ Costs: one tokenizer pass over the batch's text plus numpy per row, in the loade
 Measured on SmolLM2's rows of Python documentation (4 x 512 tokens, tiled to 64 rows) to an 8k
 byte-level BPE (trained on the same documentation, so optimistic): ~237,000 teacher tokens/s in
 one process on a loaded 2-core machine (17 ms per batch of 8 rows), 100% of student positions
-paired, 98.8% of them exactly. Keys, pairing and statistics are shared with :meth:`Retokenizer.measure`, which the trainer
-logs before the first step (``positions paired``, ``exactly``).
+paired, 98.8% of them exactly. Keys, pairing and statistics are shared with
+:meth:`Retokenizer.measure`, which the trainer logs before the first step (``positions
+paired``, ``exactly``).
 """
 
 from __future__ import annotations
