@@ -516,12 +516,16 @@ def _with_sampling_rule(
         parts = [part_name(r) for r in range(writers.world_size)] if writers.world_size > 1 else []
         for name in parts or ["main"]:
             if loc.exists(f"{PROGRESS_DIR}/{name}.json"):
-                record = json.loads(loc.read_bytes(f"{PROGRESS_DIR}/{name}.json"))
-                dump = (record.get("header", {}).get("extra") or {}).get("dump") or {}
-                rule = dump.get("sampling_rule", "inverse-cdf")
+                try:
+                    record = json.loads(loc.read_bytes(f"{PROGRESS_DIR}/{name}.json"))
+                    dump = (record.get("header", {}).get("extra") or {}).get("dump") or {}
+                    rule = dump.get("sampling_rule", "inverse-cdf")
+                except (ValueError, AttributeError):
+                    pass  # unreadable: the writer refuses it, naming the record
                 break
-    # the writer read it; its tensor-parallel peers draw the same way
-    code = group.broadcast_from_writer(SAMPLING_RULES.index(rule))
+    # the writer read it (a rule it does not know: the writer's header check names it); its
+    # tensor-parallel peers draw the same way
+    code = group.broadcast_from_writer(SAMPLING_RULES.index(rule) if rule in SAMPLING_RULES else 0)
     return dataclasses.replace(config, sampling_rule=SAMPLING_RULES[code])
 
 
