@@ -47,6 +47,28 @@ __all__ = [
 # Ranks wait for the slowest one at the end of a dump; a dead rank is torchrun's business (it stops
 # the others), so this only bounds a hang nobody noticed.
 BARRIER_TIMEOUT = timedelta(hours=24)
+# Every other collective (each layer of a tensor-parallel forward, the resume point's broadcast):
+# a peer silent this long hangs (stopped, or its node gone without closing the connection; a
+# killed one fails the collective at once), so the dump fails instead of waiting the barrier's
+# 24 h. torch's own default for gloo; ``LOGITCACHE_COLLECTIVE_TIMEOUT`` (seconds) overrides it.
+COLLECTIVE_TIMEOUT = timedelta(minutes=30)
+
+
+def collective_timeout() -> timedelta:
+    """:data:`COLLECTIVE_TIMEOUT`, or ``$LOGITCACHE_COLLECTIVE_TIMEOUT`` seconds when set."""
+    text = os.environ.get("LOGITCACHE_COLLECTIVE_TIMEOUT")
+    if text is None:
+        return COLLECTIVE_TIMEOUT
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds < 1e9:  # also NaN and inf
+        raise ConfigError(
+            f"LOGITCACHE_COLLECTIVE_TIMEOUT must be a number of seconds > 0, got {text!r}; "
+            "unset it for the default (1800)"
+        )
+    return timedelta(seconds=seconds)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -175,6 +197,7 @@ class RankGroup:
         self.active = False
         self.mesh: DeviceMesh | None = None
         self.tp_group: dist.ProcessGroup | None = None
+        self.barrier_group: dist.ProcessGroup | None = None
         tp = self.layout.tensor_parallel
         rendezvous = "MASTER_ADDR" in os.environ
         if tp > 1 and not rendezvous:
@@ -187,7 +210,9 @@ class RankGroup:
             if cuda and tp > 1:  # NCCL binds this rank's GPU
                 torch.cuda.set_device(device)
             backend = "cpu:gloo,cuda:nccl" if cuda and tp > 1 else "gloo"
-            dist.init_process_group(backend, timeout=BARRIER_TIMEOUT)
+            dist.init_process_group(backend, timeout=collective_timeout())
+            # the end-of-dump barrier waits for the slowest rank: its own, long-waiting group
+            self.barrier_group = dist.new_group(backend="gloo", timeout=BARRIER_TIMEOUT)
             self.active = True
         if tp > 1:
             from torch.distributed.device_mesh import init_device_mesh
@@ -208,7 +233,7 @@ class RankGroup:
 
     def barrier(self) -> None:
         if self.active:
-            dist.barrier()
+            dist.barrier(group=self.barrier_group)
 
     def close(self) -> None:
         if self.active:

@@ -69,10 +69,12 @@ def full(
     return {"t1": root / "t1", "t2": root / "t2", "t1-output": one}
 
 
-def _launch(out: Path, args: list[str], launcher: str) -> list[subprocess.Popen[bytes]]:
+def _launch(
+    out: Path, args: list[str], launcher: str, **extra: str
+) -> list[subprocess.Popen[bytes]]:
     pids = out.parent / "pids"
     pids.mkdir()
-    env = _env(LOGITCACHE_TEST_PID_DIR=str(pids), LOGITCACHE_TEST_DELAY="0.25")
+    env = _env(LOGITCACHE_TEST_PID_DIR=str(pids), LOGITCACHE_TEST_DELAY="0.25", **extra)
     if launcher == "torchrun":
         cmds = [(_torchrun(2, WORKER, *args), env)]
     else:  # ranks started by hand: no agent stops the survivor, the dump must fail by itself
@@ -87,10 +89,13 @@ def _launch(out: Path, args: list[str], launcher: str) -> list[subprocess.Popen[
     return procs
 
 
-def _kill_mid_dump(out: Path, args: list[str], launcher: str, victim: int) -> int:
-    """Start the slowed T=2 dump, SIGKILL rank ``victim`` once two shards are committed; return
-    the committed rows. Every process of the run has exited (non-zero) when this returns."""
-    procs = _launch(out, args, launcher)
+def _kill_mid_dump(
+    out: Path, args: list[str], launcher: str, victim: int, hang: bool = False, **env: str
+) -> int:
+    """Start the slowed T=2 dump, SIGKILL rank ``victim`` once two shards are committed (with
+    ``hang``: SIGSTOP it, wait for the other rank to give up, then SIGKILL it); return the
+    committed rows. Every process of the run has exited (non-zero) when this returns."""
+    procs = _launch(out, args, launcher, **env)
     record = out / "_writers" / "main.json"
     pid_file = out.parent / "pids" / f"rank{victim}.pid"
     try:
@@ -99,7 +104,11 @@ def _kill_mid_dump(out: Path, args: list[str], launcher: str, victim: int) -> in
             alive = all(p.poll() is None for p in procs)
             assert alive and time.monotonic() < deadline, "the dump ended before the kill"
             time.sleep(0.02)
-        os.kill(int(pid_file.read_text()), signal.SIGKILL)
+        pid = int(pid_file.read_text())
+        if hang:  # a peer that neither works nor dies: only a timeout can tell
+            os.kill(pid, signal.SIGSTOP)
+            procs[1 - victim].wait(timeout=120)
+        os.kill(pid, signal.SIGKILL)
         # bounded: the survivor fails on its dead peer (or torchrun stops it), never waits
         codes = [p.wait(timeout=120) for p in procs]
     finally:
@@ -188,3 +197,36 @@ def test_a_rank_killed_mid_dump_resumes_to_the_uninterrupted_cache(
     assert got["coverage"]["positions"] == want["coverage"]["positions"]
     for key in ("captured_mass", "entropy", "teacher_nll"):
         assert got["coverage"][key] == pytest.approx(want["coverage"][key], abs=1e-5)
+
+
+@pytest.mark.dist
+def test_a_hung_peer_fails_the_dump_after_the_collective_timeout(
+    tmp_path: Path, tiny_teacher_dir: Path, text_data: Path, full: dict[str, Any]
+) -> None:
+    """The peer is stopped, not killed: its connection stays open, so only the process group's
+    timeout (LOGITCACHE_COLLECTIVE_TIMEOUT, 3 s here; 30 min by default, it was the end barrier's
+    24 h) ends the writer's wait. The writer aborts cleanly (checked in _kill_mid_dump) and one
+    process resumes to the T=1 dump's rows."""
+    out = tmp_path / "cut"
+    args = dump_args(tiny_teacher_dir, text_data, out, *OPTS)
+    tp = [*args, "--tensor-parallel", "2"]
+    committed = _kill_mid_dump(out, tp, "by hand", 1, hang=True, LOGITCACHE_COLLECTIVE_TIMEOUT="3")
+    assert "Timed out" in (out.parent / "log0.txt").read_text(errors="replace")
+    output = run_cli(*args, "--resume").output
+    assert f"{committed:,} rows resumed" in output
+    _compare_topk(full["t1"], out)
+
+
+def test_collective_timeout_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    from datetime import timedelta
+
+    from logitcache._distributed import COLLECTIVE_TIMEOUT, collective_timeout
+    from logitcache.errors import ConfigError
+
+    assert collective_timeout() == COLLECTIVE_TIMEOUT == timedelta(minutes=30)
+    monkeypatch.setenv("LOGITCACHE_COLLECTIVE_TIMEOUT", "2.5")
+    assert collective_timeout() == timedelta(seconds=2.5)
+    for bad in ("0", "-1", "ten", "nan", "inf"):
+        monkeypatch.setenv("LOGITCACHE_COLLECTIVE_TIMEOUT", bad)
+        with pytest.raises(ConfigError, match="LOGITCACHE_COLLECTIVE_TIMEOUT must be"):
+            collective_timeout()
