@@ -40,12 +40,13 @@ student's tokenizer files are stored in the aligned cache, which is then self-de
 The byte table and id map of a (teacher, student) pair are memoised by both fingerprints, so a
 process aligning several caches builds them once (~1 s for a 49k x 8k pair).
 
-**Speed** (``scripts/bench_derived.py``, one core, SmolLM2's 49k-vocabulary cache of Python
-docs to an 8k BPE student, top-64, 131k teacher tokens, before/after in one run): rows are
-aligned a batch at a time (:mod:`logitcache.transform._align_rows`), and the aligned cache is
-written at zstd level 3 by default (``compression_level``): at level 15 writing alone held
-the transform near 20k teacher tokens/s, for a few percent fewer bytes (the measured figures are
-in ``docs/derived-caches.md``).
+**Speed** (SmolLM2's 49k-vocabulary cache of Python docs, top-64 float32, to an 8k BPE student,
+131k teacher tokens; CPU seconds of the process, old and new code alternated in one run on a
+shared 2-core machine): rows are aligned a batch at a time (:mod:`._align_rows`: 162k vs 119k
+teacher tokens/s for the row work alone, 1.36x), and the aligned cache is written at zstd level
+3 by default (``compression_level``): the whole transform ran at 80-98k teacher tokens/s at
+level 3, 48-55k at the dump's level 15 (the former code: 43-45k), for 0.7% more bytes (98.9 vs
+98.2 bytes per teacher token). ``scripts/bench_derived.py`` measures it in wall time.
 
 The manifest records the source cache's digest, the student tokenizer's fingerprint, and the
 statistics: ``positions_covered`` (student target positions with a teacher target, the rest are
