@@ -7,13 +7,14 @@ tokens, ``target_token_ids`` int32 and ``target_logprobs`` float32 per-position 
 the low-id clustering of a real vocabulary) and its logits jittered by N(0, 0.1) before
 renormalising, so that zstd cannot fold the copies in either file (a real dump has no repeats).
 
-One core, honestly: Arrow's CPU and I/O pools, torch and the BLAS/numexpr pools are set to one
-thread before anything runs (the cache's zstd is single-threaded), and besides wall-clock rates
-the JSON carries the same rates over the process's CPU time (every thread's), which a shared
-machine cannot inflate. Only the import and the export are timed, not writing the source; the
-set-up (imports, first calls) is timed apart on a one-row source and reported as ``setup_s``.
-Noise: on a shared machine other processes' load dominates the spread between runs, so each
-figure is the **best of ``--repeats`` runs** (the least disturbed one), wall and CPU alike.
+One core, honestly: Arrow's CPU and I/O pools, zarr's codec pool, torch and the BLAS/numexpr
+pools are set to one thread before anything runs (zstd itself runs single-threaded). Besides the
+wall-clock rates the JSON carries the same rates over the process's CPU time (all its threads),
+which other processes on a shared machine inflate much less (cache and core sharing only). Only
+the import and the export are timed, not writing the source; the set-up (imports, first calls)
+is timed apart on a one-row source and reported as ``setup_s``. Noise: on a shared machine the
+other processes' load dominates the spread between runs, so each figure is the **best of
+``--repeats`` runs** (the least disturbed one), wall and CPU alike.
 
 Measured in one run: the source's and the cache's bytes per target position (token), import and
 export speed in positions/s, the import at each zstd level of ``--levels`` (bytes/token and
@@ -52,6 +53,9 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "smollm2_pydoc_
 def one_core() -> None:
     pa.set_cpu_count(1)
     pa.set_io_thread_count(1)
+    import zarr  # the cache's shards: zarr compresses chunks on a thread pool by default
+
+    zarr.config.set({"threading.max_workers": 1, "async.concurrency": 1})
     try:
         import torch
 
