@@ -33,11 +33,12 @@
      process (with its threads) and its reaped workers, whole passes over all batches, from
      ``getrusage``: load-independent, unlike the rates. From them ``workers2_vs_1_ceiling``: the
      rate with every core busy on that work (cores x positions per batch / CPU per batch), over
-     the 1-worker rate: no number of workers can beat it on this machine. On 2 cores the
-     full pipeline costs ~14 ms of CPU per batch (workers ~8: zstd ~6, gather ~1.5; main ~6.5:
-     the dequantisation), so one worker plus the main process can already fill both cores: the
-     ceiling is ~1.0-1.1, and ``workers2_vs_1`` > 1 only measures how far one worker falls short
-     of that (its read-ahead stall at window boundaries, before issue 17's fix).
+     the 1-worker rate: no number of workers can beat it on this machine (meaningful on an idle
+     machine only: under load the 1-worker rate is the scheduler's share). On 2 cores the full
+     pipeline costs ~17 ms of CPU per batch (workers ~9: zstd ~6, gather ~1.6, start-up; main
+     ~7.7, of which the dequantisation ~6), so one worker plus the main process can already fill
+     both cores: the ceiling is ~1.0, and ``workers2_vs_1`` > 1 only measures how far one worker
+     falls short of that (its read-ahead stall at window boundaries, before issue 17's fix).
 3. A training loop with the loader (1 worker, prefetcher on: ``background=True``, so the decode
    runs in the prefetch thread as it would on a CUDA side stream) and a student whose step takes
    ~0.1 s on two CPU cores, about what a 1B student on one GPU spends on a batch of 16k

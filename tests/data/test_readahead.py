@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -82,8 +81,7 @@ def test_loader_readahead_defaults_to_the_window_and_is_validated(url: str) -> N
         make_loader(url, 2, readahead=0, device="cpu")
 
 
-def test_default_readahead_keeps_every_row_once(url: str, tmp_path: Path) -> None:
-    del tmp_path
+def test_default_readahead_keeps_every_row_once(url: str) -> None:
     loader = make_loader(url, 3, window_shards=3, num_workers=2, device="cpu", seed=5)
     seen = [r for b in loader for r in b["row_id"][~b["is_pad"]].tolist()]
     assert sorted(seen) == list(range(1000, 1053))
