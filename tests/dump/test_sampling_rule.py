@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -207,8 +206,8 @@ def test_tree_walk_over_gloo_ranks_equals_one_rank(tmp_path: Path, t: int) -> No
     out = tmp_path / "tp.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
            str(t), str(HERE), str(out)]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, env=_env(OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     got = json.loads(out.read_text())
     one = sparsify_chunk(_tp_logits(), method="sampled", k=1, samples=TP_SAMPLES, seed=7,
