@@ -12,8 +12,9 @@ instead of the source's 6-8.
 Speed (``scripts/bench_interop.py``: 100k positions at k=64, fp32 + int32 zstd Parquet, one
 core). Where an import's time goes, CPU seconds per 100k positions after this design: reading
 the Parquet ~0.13 (Arrow decoding the nested lists: the floor), converting and checking ~0.06,
-the codec's encode ~0.07, and writing the shard ~0.19 at zstd level 3 (zarr + zstd ~0.16, the
-rest checksums and files). Each choice below was measured against what it replaced:
+the codec's encode ~0.07, and writing the shard ~0.12 at zstd level 1 (~0.19 at level 3; zarr
+and zstd most of it, then checksums and files). Each choice below was measured against what it
+replaced (the whole import went from ~28k to ~250k positions per CPU-second):
 
 - pieces of ~4 MiB: every temporary of the conversion and the encode stays in the CPU's cache;
   converting a whole 100 MB batch at once ran ~2x slower, most of it page faults on fresh arrays;
@@ -24,9 +25,10 @@ rest checksums and files). Each choice below was measured against what it replac
   uint64 keys: the repeated-id check is then a comparison of neighbours and the codec, finding
   its input sorted, skips its own sort (a stable argsort and two gathers took ~0.3 s alone);
 - values stay float32 when the source's are (the sums and normalisers run in float64);
-- zstd level ``IMPORT_COMPRESSION_LEVEL`` (3), not the dump's 15: an import is a one-off
-  conversion but 15 spends ~3 s per 100k positions in zstd alone (at most ~30k positions/s),
-  for ~5% fewer bytes; ``docs/interop.md`` has the measured table (``--zstd-level``).
+- zstd level ``IMPORT_COMPRESSION_LEVEL`` (1), not the dump's 15: an import is a one-off
+  conversion, but at 15 zstd alone spends ~3 s per 100k positions (at most ~30k positions/s)
+  for 7% fewer bytes; level 3 is 2% smaller than 1 and ~15% slower, which left no margin under
+  the 200k positions/s target. ``docs/interop.md`` has the measured table (``--zstd-level``).
 
 Per position, what is kept (see :mod:`logitcache.transform.layouts` for what the values mean):
 
@@ -76,7 +78,7 @@ __all__ = ["IMPORT_COMPRESSION_LEVEL", "ImportConfig", "ImportResult", "import_c
 
 #: zstd level of an imported cache's shards (a dump writes DEFAULT_COMPRESSION_LEVEL, 15): see
 #: the module docstring for the measured trade-off
-IMPORT_COMPRESSION_LEVEL = 3
+IMPORT_COMPRESSION_LEVEL = 1
 
 _JSON_BATCH = 1024
 _READ_BYTES = 16 << 20  # a Parquet read batch (uncompressed): what bounds the import's memory
