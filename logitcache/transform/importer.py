@@ -1,6 +1,6 @@
 """``logitcache import``: a published logit dataset (Parquet, Arrow IPC, JSONL) into a cache.
 
-The source is streamed a record batch at a time (Parquet: rows worth ~16 MiB uncompressed, by
+The source is streamed a record batch at a time (:mod:`._source`: Parquet rows worth ~16 MiB, by
 the first row group's statistics; an IPC batch; 1024 JSON lines turned into one Arrow batch), so
 memory stays bounded whatever its size; any fsspec URL works (``hf://``, ``s3://``...). Each
 batch is converted column-wise in pieces of ~4 MiB of values, without a Python loop over
@@ -9,26 +9,21 @@ positions or rows: the nested list columns are flattened once through their Arro
 normalised, and handed to the cache writer, whose codec then stores them in ~1.6 bytes per entry
 instead of the source's 6-8.
 
-Speed (``scripts/bench_interop.py``: 100k positions at k=64, fp32 + int32 zstd Parquet, one
-core). Where an import's time goes, CPU seconds per 100k positions after this design: reading
-the Parquet ~0.13 (Arrow decoding the nested lists: the floor), converting and checking ~0.06,
-the codec's encode ~0.07, and writing the shard ~0.12 at zstd level 1 (~0.19 at level 3; zarr
-and zstd most of it, then checksums and files). Each choice below was measured against what it
-replaced (the whole import went from ~28k to ~250k positions per CPU-second):
+Speed (``scripts/bench_interop.py``: 100k positions, k=64, fp32 + int32 zstd Parquet, one core;
+~28k positions per CPU-second before this design, ~240k after). CPU seconds per 100k positions:
+reading the Parquet ~0.13 (Arrow's nested-list decoding: the floor), converting and checking
+~0.06, the codec's encode ~0.07, writing the shard ~0.12 at zstd 1 (~0.19 at 3). What did it:
 
-- pieces of ~4 MiB: every temporary of the conversion and the encode stays in the CPU's cache;
-  converting a whole 100 MB batch at once ran ~2x slower, most of it page faults on fresh arrays;
-- checks are whole-piece reductions (``min``/``max`` of the ids, ``max`` of the values for NaN,
-  ``min`` for padding); the per-position masks that name the bad rows are computed only when a
-  reduction finds something;
-- ids are sorted per position once, here, by one SIMD sort of packed ``id << 32 | value bits``
-  uint64 keys: the repeated-id check is then a comparison of neighbours and the codec, finding
-  its input sorted, skips its own sort (a stable argsort and two gathers took ~0.3 s alone);
-- values stay float32 when the source's are (the sums and normalisers run in float64);
-- zstd level ``IMPORT_COMPRESSION_LEVEL`` (1), not the dump's 15: an import is a one-off
-  conversion, but at 15 zstd alone spends ~3 s per 100k positions (at most ~30k positions/s)
-  for 7% fewer bytes; level 3 is 2% smaller than 1 and ~15% slower, which left no margin under
-  the 200k positions/s target. ``docs/interop.md`` has the measured table (``--zstd-level``).
+- pieces of ~4 MiB keep every temporary in the CPU's cache (a whole 100 MB batch at once ran
+  ~2x slower, mostly page faults on fresh arrays);
+- checks are whole-piece reductions (``min``/``max``); the masks naming bad rows are computed
+  only when a reduction finds something; float32 values stay float32 (sums run in float64);
+- one SIMD sort per position of packed ``id << 32 | value bits`` uint64 keys: the repeated-id
+  check is a comparison of neighbours, and the codec, finding the ids sorted, skips its own
+  stable argsort and gathers (~0.3 s alone);
+- zstd ``IMPORT_COMPRESSION_LEVEL`` (1), not the dump's 15, which spends ~3 s per 100k
+  positions in zstd (~30k positions/s at most) for 7% fewer bytes; level 3 is 2% smaller than 1
+  and ~15% slower, no margin under the 200k positions/s target (docs/interop.md: the table).
 
 Per position, what is kept (see :mod:`logitcache.transform.layouts` for what the values mean):
 
@@ -54,7 +49,6 @@ on, so a killed import resumed equals an uninterrupted one.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -62,9 +56,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
-import pyarrow as pa
 
-from logitcache.errors import ConfigError, InputError, InputNotFoundError
+from logitcache.errors import ConfigError, InputError
 from logitcache.format import TopKCodec
 from logitcache.format.manifest import Backend, Manifest, SourceInfo, TargetsInfo
 from logitcache.format.targets import TopKTargets
@@ -72,6 +65,7 @@ from logitcache.store import CacheHeader, CacheWriter, check_output
 from logitcache.store.header import DEFAULT_SHARD_BYTES
 from logitcache.store.tokenizer import tokenizer_files
 from logitcache.transform._columns import Batch, convert, shape_of
+from logitcache.transform._source import CONTAINERS, Read, container_of, read_batches, source_files
 from logitcache.transform.layouts import LAYOUTS, Layout
 
 __all__ = ["IMPORT_COMPRESSION_LEVEL", "ImportConfig", "ImportResult", "import_cache"]
@@ -80,11 +74,7 @@ __all__ = ["IMPORT_COMPRESSION_LEVEL", "ImportConfig", "ImportResult", "import_c
 #: the module docstring for the measured trade-off
 IMPORT_COMPRESSION_LEVEL = 1
 
-_JSON_BATCH = 1024
-_READ_BYTES = 16 << 20  # a Parquet read batch (uncompressed): what bounds the import's memory
 _CHUNK_BYTES = 4 << 20  # one conversion step (see _converted)
-_Read = tuple[str, int, Any]  # (file, its first row's number in the source, record batch)
-_CONTAINERS = {".parquet": "parquet", ".arrow": "arrow", ".feather": "arrow", ".jsonl": "jsonl"}
 
 
 @dataclass(frozen=True)
@@ -124,9 +114,9 @@ class ImportConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-        if self.input_format is not None and self.input_format not in _CONTAINERS.values():
+        if self.input_format is not None and self.input_format not in CONTAINERS.values():
             raise ConfigError(
-                f"--input-format must be one of {sorted(set(_CONTAINERS.values()))}, "
+                f"--input-format must be one of {sorted(set(CONTAINERS.values()))}, "
                 f"got {self.input_format!r}"
             )
 
@@ -177,11 +167,11 @@ def import_cache(
         resume=config.resume,
         storage_options=config.storage_options,
     )
-    files, fs = _source_files(config.source, config.storage_options)
-    container = config.input_format or _container(files[0])
+    files, fs = source_files(config.source, config.storage_options)
+    container = config.input_format or container_of(files[0])
     vocab, tok_info, tok_files = _vocabulary(config)
     start = time.perf_counter()
-    reads = _read_batches(files, fs, container, layout.columns())
+    reads = read_batches(files, fs, container, layout.columns())
     first = next(reads, None)
     if first is None:
         raise InputError(f"{config.source}: no rows with targets found")
@@ -226,123 +216,16 @@ def import_cache(
     )
 
 
-def _chain(first: _Read, rest: Iterator[_Read]) -> Iterator[_Read]:
+def _chain(first: Read, rest: Iterator[Read]) -> Iterator[Read]:
     yield first
     yield from rest
-
-
-# -- the source ---------------------------------------------------------------------------------
-
-
-def _source_files(source: str, storage_options: Mapping[str, Any] | None) -> tuple[list[str], Any]:
-    import fsspec
-
-    fs, _, paths = fsspec.get_fs_token_paths(source, storage_options=dict(storage_options or {}))
-    if len(paths) == 1 and fs.isdir(paths[0]):
-        paths = sorted(
-            p for p in fs.find(paths[0]) if os.path.splitext(p)[1].lower() in _CONTAINERS
-        )
-    paths = sorted(p for p in paths if fs.isfile(p))
-    if not paths:
-        raise InputNotFoundError(
-            f"import source {source!r}: no .parquet, .arrow or .jsonl files found there"
-        )
-    return paths, fs
-
-
-def _container(path: str) -> str:
-    ext = os.path.splitext(path)[1].lower()
-    if ext not in _CONTAINERS:
-        raise ConfigError(
-            f"{path}: unknown container {ext!r}; name it with --input-format parquet|arrow|jsonl"
-        )
-    return _CONTAINERS[ext]
-
-
-def _read_batches(files: list[str], fs: Any, container: str, columns: list[str]) -> Iterator[_Read]:
-    """(file, number of its first row in the whole source, record batch), in source order."""
-    base = 0
-    for path in files:
-        for rb in _record_batches(path, fs, container, columns):
-            yield path, base, rb
-            base += rb.num_rows
-
-
-def _record_batches(path: str, fs: Any, container: str, columns: list[str]) -> Iterator[Any]:
-    """Arrow record batches of the needed columns, one bounded batch at a time (Parquet: rows
-    worth about ``_READ_BYTES`` uncompressed, by the first row group's statistics)."""
-    with fs.open(path, "rb") as f:
-        if container == "parquet":
-            import pyarrow.parquet as pq
-
-            pf = pq.ParquetFile(f)
-            _check_columns(path, pf.schema_arrow.names, columns)
-            meta = pf.metadata
-            if not meta.num_row_groups:
-                return
-            rg = meta.row_group(0)
-            row_bytes = rg.total_byte_size / max(rg.num_rows, 1)
-            batch_rows = int(min(max(_READ_BYTES // max(row_bytes, 1), 1), 1 << 16))
-            yield from pf.iter_batches(batch_size=batch_rows, columns=columns)
-        elif container == "arrow":
-            import pyarrow.ipc as ipc
-
-            try:
-                reader = ipc.open_file(f)
-                batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
-            except pa.ArrowInvalid:
-                f.seek(0)
-                stream = ipc.open_stream(f)
-                reader, batches = stream, iter(stream)
-            _check_columns(path, reader.schema.names, columns)
-            for b in batches:
-                yield b.select(columns)
-        else:
-            yield from _jsonl_batches(path, f, columns)
-
-
-def _jsonl_batches(path: str, f: Any, columns: list[str]) -> Iterator[Any]:
-    records: list[dict[str, Any]] = []
-    for number, line in enumerate(f, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise InputError(f"{path}, line {number}: not a JSON object ({e})") from e
-        if not isinstance(rec, dict):
-            raise InputError(f"{path}, line {number}: expected a JSON object per line")
-        if not records:
-            _check_columns(path, list(rec), columns)
-        records.append({c: rec.get(c) for c in columns})
-        if len(records) == _JSON_BATCH:
-            yield _to_arrow(path, records)
-            records = []
-    if records:
-        yield _to_arrow(path, records)
-
-
-def _to_arrow(path: str, records: list[dict[str, Any]]) -> Any:
-    try:
-        return pa.RecordBatch.from_pylist(records)
-    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
-        raise InputError(f"{path}: inconsistent column types across lines ({e})") from e
-
-
-def _check_columns(path: str, have: list[str], need: list[str]) -> None:
-    missing = [c for c in need if c not in have]
-    if missing:
-        raise InputError(
-            f"{path}: no column(s) {missing}; it has {have}. Pick a --layout preset that "
-            "matches, or name the columns (--ids-column, --values-column, ...)"
-        )
 
 
 # -- conversion ---------------------------------------------------------------------------------
 
 
 def _converted(
-    reads: Iterator[_Read], layout: Layout, vocab: int, k: int, config: ImportConfig
+    reads: Iterator[Read], layout: Layout, vocab: int, k: int, config: ImportConfig
 ) -> Iterator[Batch]:
     """Converted pieces of each read batch, about ``_CHUNK_BYTES`` of source values each: the
     conversion's and the codec's temporaries then stay in the CPU's cache (converting a whole
