@@ -258,8 +258,8 @@ def test_real_smollm2_at_three_ranks_draws_what_one_process_draws(
     tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     """SmolLM2-135M (9 heads, 3 KV heads: T=3) on Python's documentation, T=3 against one
-    process: top-k id sets equal but for near-ties, and the tree rule's draws equal on >= 99.9%
-    (measured: all of them equal; the inverse-CDF rule gave 99.84% in scripts/bench_dump.py).
+    process: the tree rule's draws equal on >= 99.9% (measured: all of them equal; the
+    inverse-CDF rule gave 99.84% in scripts/bench_dump.py; top-k is compared there too).
 
     Opt-in (~1.5-2.5 min on 2 busy cores): ``pytest -m slow`` or ``LOGITCACHE_SLOW=1``."""
     wanted = request.config.option.markexpr.replace("not slow", "")
