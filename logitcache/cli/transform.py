@@ -35,7 +35,7 @@ _IMPORT_HELP = {
     "values": "How the cache stores the values: sqrt-quantised (~1e-3 nats/position) or floats.",
     "backend": "Shard format of the new cache.",
     "compression_level": "zstd level of the shards (1-22): an import is a conversion, so it "
-    "writes fast by default; 15, a dump's, is ~7% smaller and ~9x slower (docs/interop.md).",
+    "writes fast by default; 15, a dump's, is ~5% smaller and ~5x slower (docs/interop.md).",
     "shard_bytes": "Raw shard size to cut at.",
     "resume": "Continue an interrupted import into --out.",
     "overwrite": "Replace the cache at --out.",

@@ -10,7 +10,8 @@ normalised, and handed to the cache writer, whose codec then stores them in ~1.6
 instead of the source's 6-8.
 
 Speed (``scripts/bench_interop.py``: 100k positions, k=64, fp32 + int32 zstd Parquet, one core;
-~28k positions per CPU-second before this design, ~240k after). CPU seconds per 100k positions:
+~40k positions/s before this design at level 15, ~127k at 3; ~235k at 3 after, quiet machine).
+CPU seconds per 100k positions:
 reading the Parquet ~0.13 (Arrow's nested-list decoding: the floor), converting and checking
 ~0.06, the codec's encode ~0.07, writing the shard ~0.12 at zstd 1 (~0.19 at 3). What did it:
 
@@ -21,9 +22,8 @@ reading the Parquet ~0.13 (Arrow's nested-list decoding: the floor), converting 
 - one SIMD sort per position of packed ``id << 32 | value bits`` uint64 keys: the repeated-id
   check is a comparison of neighbours, and the codec, finding the ids sorted, skips its own
   stable argsort and gathers (~0.3 s alone);
-- zstd ``IMPORT_COMPRESSION_LEVEL`` (1), not the dump's 15, which spends ~3 s per 100k
-  positions in zstd (~30k positions/s at most) for 7% fewer bytes; level 3 is 2% smaller than 1
-  and ~15% slower, no margin under the 200k positions/s target (docs/interop.md: the table).
+- zstd ``IMPORT_COMPRESSION_LEVEL`` (3), not the dump's 15, which caps an import at ~46k
+  positions/s for 5% fewer bytes; level 1 is 2% larger and ~10% faster (docs/interop.md).
 
 Per position, what is kept (see :mod:`logitcache.transform.layouts` for what the values mean):
 
@@ -72,7 +72,7 @@ __all__ = ["IMPORT_COMPRESSION_LEVEL", "ImportConfig", "ImportResult", "import_c
 
 #: zstd level of an imported cache's shards (a dump writes DEFAULT_COMPRESSION_LEVEL, 15): see
 #: the module docstring for the measured trade-off
-IMPORT_COMPRESSION_LEVEL = 1
+IMPORT_COMPRESSION_LEVEL = 3
 
 _CHUNK_BYTES = 4 << 20  # one conversion step (see _converted)
 
