@@ -96,17 +96,22 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def one(tmp_path_factory: pytest.TempPathFactory, tiny_teacher_dir: Path, data: Path) -> str:
+    """The documents dumped by one process (rows 0..)."""
+    return str(_dump(tiny_teacher_dir, data, tmp_path_factory.mktemp("merge_tp_one") / "one"))
+
+
+@pytest.fixture(scope="module")
 def parts(
-    tmp_path_factory: pytest.TempPathFactory, tiny_teacher_dir: Path, data: Path
+    tmp_path_factory: pytest.TempPathFactory, tiny_teacher_dir: Path, data: Path, one: str
 ) -> dict[str, str]:
     """The same documents dumped by one process, by a T=2 torchrun group and with a device
     map; rows 0.., 1000.., 2000.."""
     root = tmp_path_factory.mktemp("merge_tp_parts")
-    one = _dump(tiny_teacher_dir, data, root / "one")
     tp = _torchrun_dump(tiny_teacher_dir, data, root / "tp-dump", 2)
     mapped = _dump(tiny_teacher_dir, data, root / "mapped-dump", "--device-map", "auto")
     return {
-        "one": str(one),
+        "one": one,
         "tp": _offset(tp, root / "tp", 1000),
         "mapped": _offset(mapped, root / "mapped", 2000),
     }
@@ -143,7 +148,7 @@ def test_parts_dumped_with_other_tensor_parallel_and_device_map_merge(
     [("k", "targets.k"), ("teacher", "teacher.fingerprint"), ("dtype", "extra.dump.dtype")],
 )
 def test_merge_refuses_parts_whose_targets_differ(
-    parts: dict[str, str],
+    one: str,
     tiny_teacher_dir: Path,
     tiny_tokenizer: Any,
     data: Path,
@@ -162,5 +167,5 @@ def test_merge_refuses_parts_whose_targets_differ(
         tiny_tokenizer.save_pretrained(teacher)
     other = _offset(_dump(teacher, data, tmp_path / "dump", *extra), tmp_path / "part", 3000)
     with pytest.raises(ConfigError, match=rf"differ in {field} "):
-        merge_caches(str(tmp_path / "merged"), [parts["one"], other])
+        merge_caches(str(tmp_path / "merged"), [one, other])
     assert not (tmp_path / "merged" / "manifest.json").exists()
