@@ -4,8 +4,9 @@ The public API, importable from the top level (loaded on first use, so ``import 
 the CLI stay fast):
 
 - the cache: :class:`CacheWriter`, :class:`CacheHeader`, :class:`CacheReader`,
-  :func:`finalize_cache`, :func:`cache_tokenizer` (the tokenizer a cache stores); format: :class:`Manifest`, :class:`TopKCodec`, :class:`SampledCodec`,
-  :class:`TopKTargets`, :class:`SampledTargets`, :class:`TargetsInfo`, :class:`SourceInfo`;
+  :func:`finalize_cache`, :func:`cache_tokenizer` (the tokenizer a cache stores); format:
+  :class:`Manifest`, :class:`TopKCodec`, :class:`SampledCodec`, :class:`TopKTargets`,
+  :class:`SampledTargets`, :class:`TargetsInfo`, :class:`SourceInfo`;
 - training data: :func:`make_loader`, :func:`teacher_targets`, :class:`RowSampler`;
 - losses: :func:`kd_loss`, :func:`fused_linear_kd_loss`, :class:`SparseKDLoss`,
   :class:`FusedLinearKDLoss`, :class:`TopKTeacher`, :class:`SampledTeacher`;
