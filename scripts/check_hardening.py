@@ -355,12 +355,13 @@ def malicious_pickle(path: Path, marker: Path) -> None:
     path.write_bytes(pickle.dumps(_Payload(marker), protocol=2))
 
 
-_NOT_THE_ANSWER = re.compile(r"^(Usage: |Try '.*--help' for help)|\d+%\|.*\|")
+_NOT_THE_ANSWER = re.compile(r"^(Usage: |Try '.*--help' for help|note: )|\d+%\|.*\|")
 
 
 def one_line(proc: subprocess.CompletedProcess[str]) -> bool:
-    """Exit != 0, no traceback, and one line of message: click's usage preamble and progress
-    bars (Hugging Face's "Loading weights: 100%|...|" as the student loads) aside."""
+    """Exit != 0, no traceback, and one line of message: click's usage preamble, progress bars
+    (Hugging Face's "Loading weights: 100%|...|" as the student loads) and the trainer's
+    ``note:`` lines logged before the failure (a padded student vocabulary) aside."""
     if proc.returncode == 0 or "Traceback" in proc.stderr:
         return False
     lines = proc.stderr.replace("\r", "\n").splitlines()

@@ -122,7 +122,11 @@ def merge(
     out: str, sources: tuple[str, ...], break_lock: bool, storage_options: tuple[str, ...]
 ) -> None:
     """Join caches SOURCES, dumped separately over disjoint data with the same teacher,
-    tokenizer, codec, seq_len and vocabulary, into one new cache OUT (shards are copied)."""
+    tokenizer, codec, seq_len and vocabulary, into one new cache OUT (shards are copied).
+
+    The sources may have run differently (tensor-parallel degree, number of writers, device
+    map, input files): what each recorded about its targets (dtype, sampling seed and rule)
+    must agree. OUT keeps each source's run under extra.merged_from."""
     from logitcache.store.share import merge_caches
 
     m = merge_caches(
