@@ -296,19 +296,12 @@ def retokenizer_for(
     hold it."""
     from logitcache.format.fingerprint import tokenizer_fingerprint
     from logitcache.store.tokenizer import cache_tokenizer
-    from logitcache.transform._tokens import load_tokenizer
+    from logitcache.transform._tokens import load_teacher_tokenizer
 
     m = reader.manifest
     teacher = None
     if teacher_tokenizer:
-        teacher = load_tokenizer(teacher_tokenizer, "--teacher-tokenizer")
-        got = tokenizer_fingerprint(teacher)
-        if m.tokenizer.fingerprint and got != m.tokenizer.fingerprint:
-            raise ConfigError(
-                f"--teacher-tokenizer {teacher_tokenizer} is not the tokenizer {reader.url} was "
-                f"dumped with (fingerprint {got[:12]} vs {m.tokenizer.fingerprint[:12]}); give "
-                "the teacher's own tokenizer"
-            )
+        teacher = load_teacher_tokenizer(reader, teacher_tokenizer)
     want = m.tokenizer.fingerprint or (tokenizer_fingerprint(teacher) if teacher else "")
     if student_tokenizer is None or not want or tokenizer_fingerprint(student_tokenizer) == want:
         return None

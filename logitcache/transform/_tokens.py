@@ -134,6 +134,23 @@ def load_tokenizer(path: str, what: str) -> Any:
         raise ConfigError(f"{what} {path}: cannot load it as a tokenizer ({e})") from e
 
 
+def load_teacher_tokenizer(reader: Any, path: str) -> Any:
+    """The tokenizer at ``path`` (``--teacher-tokenizer``), refused unless it is the one cache
+    ``reader`` (open) was dumped with, by the fingerprint its manifest records."""
+    from logitcache.format.fingerprint import tokenizer_fingerprint
+
+    tok = load_tokenizer(path, "--teacher-tokenizer")
+    want = reader.manifest.tokenizer
+    got = tokenizer_fingerprint(tok)
+    if want.fingerprint and got != want.fingerprint:
+        raise ConfigError(
+            f"--teacher-tokenizer {path} is not the tokenizer cache {reader.url} was dumped "
+            f"with (fingerprint {got[:12]} vs {want.fingerprint[:12]}); give the teacher's own "
+            "tokenizer" + (", or leave the option out: the cache stores it" if want.files else "")
+        )
+    return tok
+
+
 def encode(tok: Any, texts: list[str]) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Ids and character offsets [n, 2] of each text, no special tokens added: through the Rust
     tokenizer directly when there is one (transformers' per-encoding conversion costs ~3x the

@@ -71,7 +71,7 @@ from logitcache.store import CacheHeader, CacheReader, CacheWriter
 from logitcache.store.header import DEFAULT_SHARD_BYTES
 from logitcache.store.tokenizer import cache_tokenizer, tokenizer_files
 from logitcache.transform._align_rows import MAX_PARTS, RowAligner, Stats
-from logitcache.transform._tokens import IdMap, load_tokenizer, token_bytes
+from logitcache.transform._tokens import IdMap, load_teacher_tokenizer, load_tokenizer, token_bytes
 
 __all__ = ["ALIGN_COMPRESSION_LEVEL", "MAX_PARTS", "AlignResult", "IdMap", "align_cache",
            "token_bytes"]  # fmt: skip
@@ -192,19 +192,9 @@ def _teacher(reader: CacheReader, path: str | None) -> tuple[Any, str]:
     """The teacher tokenizer and its fingerprint: the cache's own, or ``path`` checked against
     the fingerprint the cache records."""
     m = reader.manifest
-    if path is None:
-        tok = cache_tokenizer(reader)  # refuses a cache without one, naming --teacher-tokenizer
-        return tok, m.tokenizer.fingerprint or tokenizer_fingerprint(tok)
-    tok = load_tokenizer(path, "--teacher-tokenizer")
-    fp = tokenizer_fingerprint(tok)
-    if m.tokenizer.fingerprint and fp != m.tokenizer.fingerprint:
-        raise ConfigError(
-            f"--teacher-tokenizer {path} is not the tokenizer cache {reader.url} was dumped "
-            f"with (fingerprint {fp[:12]} vs {m.tokenizer.fingerprint[:12]}); give the "
-            "teacher's own tokenizer"
-            + (", or leave the option out: the cache stores it" if m.tokenizer.files else "")
-        )
-    return tok, fp
+    # the cache's own refuses a cache without one, naming --teacher-tokenizer
+    tok = cache_tokenizer(reader) if path is None else load_teacher_tokenizer(reader, path)
+    return tok, m.tokenizer.fingerprint or tokenizer_fingerprint(tok)
 
 
 def _pair(teacher: Any, student: Any, t_fp: str, s_fp: str) -> tuple[list[bytes | None], IdMap]:

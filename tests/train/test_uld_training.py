@@ -181,6 +181,9 @@ def test_other_losses_keep_the_refusal_and_uld_refuses_id_metrics(
         run_train(_cfg(setup, tmp_path / "ev", eval_fraction=0.2))
     with pytest.raises(ConfigError, match="max_position_embeddings"):
         run_train(_cfg(setup, tmp_path / "ctx", student_seq_len=1000))
+    # a --teacher-tokenizer that is not the one the cache was dumped with: refused by name
+    with pytest.raises(ConfigError, match=r"is not the tokenizer cache .* leave the option out"):
+        run_train(_cfg(setup, tmp_path / "tt", teacher_tokenizer=str(setup["student"])))
 
 
 def test_cli_flags(setup: dict[str, Any], tmp_path: Path) -> None:
