@@ -30,17 +30,19 @@
      the full pipeline, where on this CPU machine the "device" dequantisation (~6 ms per batch)
      runs in the main process, on the same two cores as the workers.
    - **CPU per batch** (``cpu_ms_per_batch_{main,workers}_{loader,host}_{1,2}worker``): the main
-     process (with its threads) and its reaped workers, whole passes over all batches, from
-     ``getrusage``: load-independent, unlike the rates. From them ``workers2_vs_1_bound``: each
-     setting's time per batch with its CPU work spread perfectly, max(main, (main + workers) /
-     cores) (the main process's dequantisation is one thread; a worker decompresses in its
-     read-ahead threads), 1-worker bound over 2-worker bound: the most ``workers2_vs_1`` can be
-     on this machine whatever the pipeline does. On 2 cores the full pipeline costs ~17 ms of
-     CPU per batch (workers ~9: zstd ~6, gather ~1.6, start-up; main ~7.7, of which the
-     dequantisation ~6), so one worker plus the main process can already fill both cores: the
-     bound is ~0.9-1.0 (a second worker adds its start-up), and ``workers2_vs_1`` > 1 only
-     measures how far one worker falls short of its bound (its read-ahead stall at window
-     boundaries, before issue 17's fix); the printed "1 worker at x% of its bound" says it.
+     process (with its threads, ``getrusage``) and its live workers (with their read-ahead
+     threads, ``/proc/PID/stat``), read at the first and at the last batch of each pass: the
+     steady state, worker start-up and shutdown left out like the first batch from the rates;
+     load-independent, unlike the rates. From them ``workers2_vs_1_bound``: each setting's time
+     per batch with its CPU work spread perfectly, max(main, (main + workers) / cores) (the
+     main process's dequantisation is one thread; a worker decompresses in its read-ahead
+     threads), 1-worker bound over 2-worker bound: the most ``workers2_vs_1`` can be on this
+     machine whatever the pipeline does. Measured idle (docs/loader.md): main ~6 ms a batch
+     (the dequantisation ~5-6), workers 8-10, so one worker and the main process already fill
+     83% of two cores and the bound is ~1.2; ``workers2_vs_1`` 1.18 met it. The printed "1
+     worker at x% of its bound" says how far one worker falls short of its bound.
+     ``--rows`` 1024 (128 batches a pass) by default: with 256 the workers' whole-window
+     read-ahead decodes much of a pass before its first batch, which flatters two workers.
 3. A training loop with the loader (1 worker, prefetcher on: ``background=True``, so the decode
    runs in the prefetch thread as it would on a CUDA side stream) and a student whose step takes
    ~0.1 s on two CPU cores, about what a 1B student on one GPU spends on a batch of 16k
@@ -176,13 +178,25 @@ def raw_rate(raw: dict[str, np.ndarray], epochs: int) -> float:
 
 
 def _cpu_seconds() -> tuple[float, float]:
-    """(this process's CPU seconds, its reaped children's): DataLoader workers are joined at the
-    end of each pass, so their whole CPU time lands in RUSAGE_CHILDREN."""
-    me, kids = (
-        resource.getrusage(resource.RUSAGE_SELF),
-        resource.getrusage(resource.RUSAGE_CHILDREN),
-    )
-    return me.ru_utime + me.ru_stime, kids.ru_utime + kids.ru_stime
+    """(this process's CPU seconds with its threads, its live children's: the DataLoader workers
+    with their read-ahead threads, from ``/proc/PID/stat``). Read after a pass's first batch and
+    before its last one ends (the workers are joined then), their differences are the steady
+    state's CPU: worker start-up (fork, imports, the first window's shards) left out, like the
+    first batch from the rates (it once counted, and put the 1-worker rate above its "bound")."""
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    kids = 0
+    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+        try:
+            pids = (task / "children").read_text().split()
+        except OSError:
+            continue
+        for pid in pids:
+            try:  # fields after the ")" of the command name: state is 3, utime 14, stime 15
+                stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            kids += int(stat[11]) + int(stat[12])
+    return me.ru_utime + me.ru_stime, kids / os.sysconf("SC_CLK_TCK")
 
 
 def _positions(batch: dict[str, object]) -> int:
@@ -204,36 +218,42 @@ def loader_rate(
     """Steady-state positions/s and CPU per batch of one loader configuration.
 
     The first batch of each pass (worker start-up, the first window's shards) is excluded from
-    the rate, as it is amortised over a real epoch of thousands of batches. On CUDA the batches
+    the rate, as it is amortised over a real epoch of thousands of batches, and so is the
+    workers' shutdown after the last one. On CUDA the batches
     are dequantised on the device and the clock stops after the device has finished. ``host``:
     stop at the host boundary: batches in this process's memory (a worker's ring slot mapped in
     place), before the device stage (no dequantisation, ``loader.dequantize = None``).
-    CPU per batch (main process with its threads / workers) covers whole passes, first batch
-    included, divided by all batches: it is what each process spends per batch, whatever the
-    machine's other load does to the wall clock."""
+    CPU per batch (main process with its threads / workers) covers the same batches as the rate
+    (from the first batch's arrival to the last's): what each process spends per batch in the
+    steady state, whatever the machine's other load does to the wall clock."""
     loader = make_loader(url, BATCH, num_workers=workers, device=device, readahead=readahead)
     if host:
         loader.dequantize = None  # type: ignore[assignment]
-    positions, elapsed, batches = 0, 0.0, 0
-    main0, kids0 = _cpu_seconds()
+    positions, elapsed, batches, main_s, kids_s = 0, 0.0, 0, 0.0, 0.0
     for _ in range(epochs):
+        steps = len(loader)
         it = iter(loader)
         next(it)
-        batches += 1
+        main0, kids0 = _cpu_seconds()
         t0 = time.perf_counter()
-        for batch in it:
+        t1, main1, kids1 = t0, main0, kids0
+        for i, batch in enumerate(it, 2):
             positions += _positions(batch)
             batches += 1
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        elapsed += time.perf_counter() - t0
+            if i == steps:  # the last batch: clock and CPU read before the workers are joined
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                t1 = time.perf_counter()
+                main1, kids1 = _cpu_seconds()
+        assert t1 > t0, f"the pass delivered fewer than the {steps} batches len(loader) said"
+        elapsed += t1 - t0
+        main_s, kids_s = main_s + main1 - main0, kids_s + kids1 - kids0
     loader.close()
-    main1, kids1 = _cpu_seconds()
     return {
         "pps": positions / elapsed,
-        "main_ms": 1e3 * (main1 - main0) / batches,
-        "workers_ms": 1e3 * (kids1 - kids0) / batches,
-        "positions": positions / max(1, batches - epochs),
+        "main_ms": 1e3 * main_s / max(1, batches),
+        "workers_ms": 1e3 * kids_s / max(1, batches),
+        "positions": positions / max(1, batches),
     }
 
 
@@ -348,8 +368,14 @@ def train_wait_fraction(
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rows", type=int, default=256)
-    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument(
+        "--rows",
+        type=int,
+        default=1024,
+        help="rows of the cache (1024: 128 batches a pass; with 256 the workers' read-ahead "
+        "decodes much of a pass before its first batch, which flatters 2 workers)",
+    )
+    ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3, help="interleaved runs per loader setting")
     ap.add_argument(
         "--readahead",

@@ -177,7 +177,7 @@ if [ "$DEVICE" = cuda ]; then
     step bench_dump_tp 30 "$VPY" scripts/bench_dump.py --teacher "$TEACHER" --device cpu \
       --tensor-parallel 3 --batch-size 2 --seq-len 64 --batches 1 --repeats 1
   fi
-  step bench_loader 105 "$VPY" scripts/bench_loader.py --device cuda
+  step bench_loader 105 "$VPY" scripts/bench_loader.py --device cuda --rows 256 --epochs 2
   step bench_loss 60 "$VPY" scripts/bench_loss.py --device cuda
   step bench_fsdp 90 "$VPY" scripts/bench_fsdp.py --device cuda
 else  # the dry run: the same steps at toy sizes, to test this script without a GPU
