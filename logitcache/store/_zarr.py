@@ -40,7 +40,10 @@ _CODEC_ERRORS: tuple[type[BaseException], ...] = (RuntimeError, ValueError)
 _ZARR_ERRORS: tuple[type[BaseException], ...] = (RuntimeError, ValueError, KeyError)
 
 
-def _write_array(group: zarr.Group, name: str, arr: np.ndarray, level: int) -> None:
+def _write_array(
+    group: zarr.Group, name: str, arr: np.ndarray, level: int, files: dict[str, Buffer]
+) -> None:
+    """``arr`` as array ``name`` of ``group``, whose MemoryStore holds ``files``."""
     row_bytes = max(1, int(np.prod(arr.shape[1:], dtype=np.int64)) * arr.dtype.itemsize)
     n = arr.shape[0]
     # ~1 MiB inner chunks; a smaller array is one chunk (no zero padding to decompress)
@@ -48,7 +51,7 @@ def _write_array(group: zarr.Group, name: str, arr: np.ndarray, level: int) -> N
     chunks = (chunk0, *arr.shape[1:])
     # the outer shard must be a multiple of the inner chunk and cover the whole array
     shard0 = max(chunk0, -(-n // chunk0) * chunk0)
-    z = group.create_array(
+    z = group.create_array(  # zarr writes the metadata (zarr.json) ...
         name,
         shape=arr.shape,
         dtype=arr.dtype,
@@ -57,8 +60,43 @@ def _write_array(group: zarr.Group, name: str, arr: np.ndarray, level: int) -> N
         compressors=ZstdCodec(level=level, checksum=True),
         fill_value=0,
     )
-    if arr.size:
-        z[...] = arr
+    blob = _shard_object(arr, chunk0, shard0 // chunk0, level) if arr.size else None
+    if blob is not None:  # ... and the data goes in as the bytes zarr would write
+        key = f"{z.path}/c/" + "/".join("0" * arr.ndim)
+        files[key] = CpuBuffer.from_bytes(blob)
+
+
+def _shard_object(arr: np.ndarray, chunk0: int, n_chunks: int, level: int) -> bytes | None:
+    """The sharding codec's object for ``arr`` cut into ``n_chunks`` inner chunks of ``chunk0``
+    rows, as zarr writes it (the :func:`_read_fast` layout): each inner chunk's little-endian
+    bytes (the last zero-padded) as a zstd frame with its checksum, back to back in chunk order,
+    then the (offset, nbytes) uint64 index and its crc32c. A chunk all of fill (zeros) is not
+    written (index ``2**64 - 1``, zarr's ``write_empty_chunks=False``; -0.0 is not fill for zarr
+    either), nor is an object none of whose chunks are. Byte for byte what
+    ``zarr.Array.__setitem__`` produces (tests/store/test_zarr_layout.py), much faster: zarr's
+    async codec pipeline cost ~50 ms per 6.5 MB array against ~3 ms of zstd at level 3, ~40%
+    of an import's time."""
+    zstd = Zstd(level=level, checksum=True)
+    data = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
+    index = np.full((n_chunks, 2), _EMPTY, dtype="<u8")
+    parts: list[bytes] = []
+    offset = 0
+    for i in range(n_chunks):
+        chunk = data[i * chunk0 : (i + 1) * chunk0]
+        if not chunk.reshape(-1).view(np.uint8).any():  # all fill: every byte 0 (-0.0 is not)
+            continue
+        if chunk.shape[0] < chunk0:
+            padded = np.zeros((chunk0, *data.shape[1:]), dtype=data.dtype)
+            padded[: chunk.shape[0]] = chunk
+            chunk = padded
+        frame = zstd.encode(chunk)
+        index[i] = (offset, len(frame))
+        parts.append(frame)
+        offset += len(frame)
+    if not parts:
+        return None
+    parts.append(bytes(_CRC32C.encode(index.tobytes())))
+    return b"".join(parts)
 
 
 class ZarrBackend(ShardBackend):
@@ -71,17 +109,16 @@ class ZarrBackend(ShardBackend):
         store_dict: dict[str, Buffer] = {}
         root = zarr.open_group(MemoryStore(store_dict), mode="w", zarr_format=3)
         root.attrs["logitcache"] = {"rows": data.num_rows}
-        _write_array(root, "row_id", np.ascontiguousarray(data.row_id, np.int64), compression_level)
-        _write_array(
-            root, "input_ids", np.ascontiguousarray(data.input_ids, np.int32), compression_level
-        )
-        _write_array(
-            root, "loss_mask", np.ascontiguousarray(data.loss_mask, np.uint8), compression_level
-        )
+        for name, arr in (
+            ("row_id", np.ascontiguousarray(data.row_id, np.int64)),
+            ("input_ids", np.ascontiguousarray(data.input_ids, np.int32)),
+            ("loss_mask", np.ascontiguousarray(data.loss_mask, np.uint8)),
+        ):
+            _write_array(root, name, arr, compression_level, store_dict)
         tg = root.create_group(TARGETS_GROUP)
         for spec in specs:
             arr = np.ascontiguousarray(data.encoded[spec.name], dtype=spec.dtype)
-            _write_array(tg, spec.name, arr, compression_level)
+            _write_array(tg, spec.name, arr, compression_level, store_dict)
         return {k: v.to_bytes() for k, v in sorted(store_dict.items())}
 
     def deserialize(
