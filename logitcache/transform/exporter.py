@@ -22,7 +22,10 @@ the Hub's readers (pyarrow, DuckDB) decode. Measured on the ``scripts/bench_inte
 (100k positions, k=64, one core): the writer's CPU time is the same uncompressed, snappy or zstd
 1 (~0.22 s; encoding the nested lists costs it, not compressing), and zstd 1 writes 172 bytes
 per position against snappy's 192 and none's 210; zstd 3 saves 6% more for ~20% more writer
-time. Each file's key-value metadata holds ``logitcache.cache``,
+time. Plain encoding (no dictionary: the log-probs are continuous and the ids ~all distinct, so
+Arrow's dictionary attempt falls back after paying for it) and min/max statistics for ``row_id``
+only (the column a reader filters on): the writer 16% faster (0.36 -> 0.30 s), 0.2% larger.
+Each file's key-value metadata holds ``logitcache.cache``,
 the cache's identity (teacher, tokenizer, dataset, targets, codec, content digest) as JSON, and a
 ``README.md`` dataset card says the same for people. Files are written under temporary names and
 renamed; the card is written last.
@@ -124,7 +127,12 @@ def export_cache(
                 meta = {b"logitcache.cache": json.dumps(identity).encode()}
                 schema = table.schema.with_metadata(meta)
                 writer = pq.ParquetWriter(
-                    path + ".tmp", schema, compression="zstd", compression_level=_ZSTD_LEVEL
+                    path + ".tmp",
+                    schema,
+                    compression="zstd",
+                    compression_level=_ZSTD_LEVEL,
+                    use_dictionary=False,
+                    write_statistics=["row_id"],
                 )
             writer.write_table(table.replace_schema_metadata(writer.schema.metadata))
             rows += batch.num_rows
