@@ -34,6 +34,7 @@ six. Correct, and the same cost as a plain DataLoader; a hook to skip the ring w
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -138,8 +139,10 @@ def _row_ids(features: Sequence[Any]) -> np.ndarray:
 class CacheCollator:
     """``collator(row ids) -> batch``: the loader's batch layout as CPU tensors, dequantised.
 
-    ``top_k``, ``keep_tail``, ``temperature``: see :class:`~logitcache.data.TargetOptions`
-    (``temperature`` attaches the stored normaliser when the cache recorded it). Picklable
+    ``top_k``, ``keep_tail``, ``temperature``, ``student_vocab``: see
+    :class:`~logitcache.data.TargetOptions` (``temperature`` attaches the stored normaliser when
+    the cache recorded it; ``student_vocab`` refuses input tokens a truncated student lacks,
+    which :class:`~logitcache.integrations.transformers.KDTrainer` sets itself). Picklable
     (DataLoader workers open their own reader). ``max_cached_shards``: decoded shards kept per
     process; a shuffled order touches every shard, so size it to the cache when it fits.
     """
@@ -151,18 +154,37 @@ class CacheCollator:
         top_k: int | None = None,
         keep_tail: bool = True,
         temperature: float | None = None,
+        student_vocab: int | None = None,
         max_cached_shards: int = 16,
         storage_options: Mapping[str, Any] | None = None,
     ) -> None:
         self.url = url
-        self.dataset = CachedLogitDataset(
-            url,
-            options=TargetOptions(top_k=top_k, keep_tail=keep_tail, temperature=temperature),
-            max_cached_shards=max_cached_shards,
-            storage_options=storage_options,
+        self.max_cached_shards = max_cached_shards
+        self.storage_options = storage_options
+        self.dataset = self._dataset(
+            TargetOptions(
+                top_k=top_k,
+                keep_tail=keep_tail,
+                temperature=temperature,
+                student_vocab=student_vocab,
+            )
         )
         self.manifest: Manifest = self.dataset.reader.manifest
         self.dequantize = TargetDequantizer(self.dataset.reader.codec)
+
+    def restrict_vocab(self, student_vocab: int) -> None:
+        """From now on refuse rows with input tokens ``>= student_vocab`` (a truncated student
+        cannot embed them), naming row and position, as ``logitcache train``'s loader does."""
+        options = self.dataset.collator.options
+        self.dataset = self._dataset(dataclasses.replace(options, student_vocab=student_vocab))
+
+    def _dataset(self, options: TargetOptions) -> CachedLogitDataset:
+        return CachedLogitDataset(
+            self.url,
+            options=options,
+            max_cached_shards=self.max_cached_shards,
+            storage_options=self.storage_options,
+        )
 
     def __call__(self, features: Sequence[Any]) -> dict[str, Any]:
         rows = _row_ids(features)

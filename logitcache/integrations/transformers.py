@@ -24,10 +24,15 @@ positions with the head's weight. The call still goes through the wrapped model'
 DDP's gradient hooks see it. Refused under FSDP and DeepSpeed, where the head's weight is a shard
 outside the forward (gather it inside a module forward: not done here).
 
+**Vocabularies** as in ``logitcache train`` (``check_compatible``, the one implementation): a
+student with more outputs (a padded head) trains directly; one with fewer (a truncated
+vocabulary) too, the teacher's mass on the ids it lacks folded into the tail bucket on the
+device, and a row holding an input token it lacks refused by the collator, naming row and
+position; either logs one warning line.
+
 **Refusals, before the first step** (each says what and how to fix): a collator that is not a
-:class:`CacheCollator`; a student whose head is smaller than the cache's vocabulary, whose context
-is shorter than its rows, or whose tokenizer fingerprint differs (``logitcache train``'s
-``check_compatible``, the one implementation); an incomplete cache (opening it raises
+:class:`CacheCollator`; a student whose context is shorter than its rows, or whose tokens differ
+from the teacher's; an incomplete cache (opening it raises
 :class:`~logitcache.errors.CacheIncompleteError`); a loss for the other kind of targets; and a
 tail-bucket loss (the registry's ``Objective.tail``) on a cache whose ``targets.tail`` is
 ``"unknown"`` (imported from raw logits: only ``kl-renorm`` is meaningful there).
@@ -40,6 +45,7 @@ Llama, 30 steps, same rows/order/optimizer): final held-out KL / ``logitcache tr
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -58,9 +64,17 @@ from logitcache.integrations.rows import (
 )
 from logitcache.loss import KDConfig, fused_linear_kd_loss, kd_loss
 from logitcache.train.evaluate import evaluate
-from logitcache.train.student import Student, check_compatible, decoder_and_head, target_logits
+from logitcache.train.student import (
+    Student,
+    check_compatible,
+    decoder_and_head,
+    stored_teacher_tokenizer,
+    target_logits,
+)
 
 __all__ = ["KDArguments", "KDTrainer", "KDTrainerMixin"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -110,6 +124,7 @@ class KDTrainerMixin:
     loss_is_scaled_for_ga = True  # the step's count already covers every micro-batch
     kd: KDArguments
     kd_collator: CacheCollator
+    kd_vocab_limit: int | None = None
 
     # attributes of the Trainer this mixin is combined with
     model: nn.Module
@@ -151,9 +166,19 @@ class KDTrainerMixin:
                 "that did not keep it); fix: loss='kl-renorm', which ignores the tail"
             )
         student = Student(self.model, _tokenizer(self.processing_class), type(self.model).__name__)
-        check_compatible(
-            student, m, allow_vocab_mismatch=self.kd.allow_vocab_mismatch, cache_name=where
+        fit = check_compatible(
+            student,
+            m,
+            allow_vocab_mismatch=self.kd.allow_vocab_mismatch,
+            cache_name=where,
+            teacher_tokenizer=stored_teacher_tokenizer(student, collator.dataset.reader),
+            allow_truncated=True,
         )
+        self.kd_vocab_limit = fit.limit  # a truncated student: teacher ids >= it join the tail
+        if fit.limit is not None:
+            collator.restrict_vocab(fit.limit)
+        if fit.note:
+            logger.warning("logitcache: %s", fit.note)
         if self.kd.fused:
             if self.is_fsdp_enabled or self.is_deepspeed_enabled:
                 raise ConfigError(
@@ -213,7 +238,7 @@ class KDTrainerMixin:
     ) -> Any:
         """KD loss of one micro-batch: ``sum * world / step count`` in training, else the mean."""
         kd = self.kd
-        teacher = teacher_targets(inputs)
+        teacher = self._teacher(inputs)
         labels = inputs["target_labels"] if kd.alpha > 0 else None
         kw: dict[str, Any] = dict(
             loss=kd.loss, temperature=kd.temperature, alpha=kd.alpha, beta=kd.beta
@@ -235,6 +260,11 @@ class KDTrainerMixin:
             n = torch.as_tensor(num_items_in_batch, dtype=total.dtype, device=total.device)
             loss = total * self.accelerator.num_processes / n.clamp(min=1)
         return (loss, outputs) if return_outputs else loss
+
+    def _teacher(self, batch: dict[str, Any]) -> Any:
+        teacher = teacher_targets(batch)
+        limit = self.kd_vocab_limit
+        return teacher if limit is None else teacher.within_vocab(limit)
 
     # -- held-out metrics ------------------------------------------------------------------------
 
@@ -263,12 +293,13 @@ class KDTrainerMixin:
             device=device,
             rank=self.accelerator.process_index,
             world_size=self.accelerator.num_processes,
+            student_vocab=self.kd_vocab_limit,
         )
         was_training = model.training
         model.eval()
         try:
             logits = lambda b: target_logits(model, b).float()  # noqa: E731
-            return evaluate(loader, logits, teacher_targets, device, max_batches)
+            return evaluate(loader, logits, self._teacher, device, max_batches)
         finally:
             model.train(was_training)
             loader.close()

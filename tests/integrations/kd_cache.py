@@ -48,9 +48,11 @@ def dump_tiny(
     seed: int,
     tail: str = "bucket",
     tokenizer: SourceInfo | None = None,
+    input_vocab: int = VOCAB,
 ) -> None:
     """Write a top-k cache of ``model``; ``tail="unknown"`` stores values renormalised over the
-    k ids (what an import of raw logits gives); ``tokenizer`` is recorded in the manifest."""
+    k ids (what an import of raw logits gives); ``tokenizer`` is recorded in the manifest; the
+    rows' input tokens are drawn below ``input_vocab`` (the targets span the whole vocabulary)."""
     rng = np.random.default_rng(seed)
     hdr = CacheHeader(
         codec=TopKCodec(k=K, vocab_size=VOCAB),
@@ -63,7 +65,7 @@ def dump_tiny(
     )
     with CacheWriter(str(url), hdr, shard_bytes=20_000) as w:
         for b in range(0, rows, 16):
-            ids = rng.integers(0, VOCAB, (16, SEQ))
+            ids = rng.integers(0, input_vocab, (16, SEQ))
             mask = np.ones((16, SEQ), bool)
             mask[:, -1] = False
             with torch.no_grad():

@@ -192,11 +192,35 @@ def test_other_losses_and_alpha_train(
     assert all(x == x and x > 0 for x in step_losses(t))
 
 
-def test_refusals(cache: Path, student_dir: Path, tmp_path: Path) -> None:
+def test_truncated_student_trains_like_logitcache_train(tmp_path: Path) -> None:
+    """A student with fewer ids than the teacher (80 of 96): the teacher's mass on ids 80..95
+    joins the tail on the device, as in ``logitcache train`` (the same step losses); a cache
+    whose rows hold a token the student lacks is refused at its first batch, naming it."""
+    low = tmp_path / "low"
+    dump_tiny(teacher(), low, rows=64, seed=1, input_vocab=80)
     small = tmp_path / "small"
-    llama(1, vocab=64).save_pretrained(small)
-    with pytest.raises(ConfigError, match=r"dumped with vocab 96 .* has 64 outputs"):
-        trainer(cache, small, tmp_path / "o")
+    llama(5, vocab=80).save_pretrained(small)
+    ref = run_train(
+        TrainConfig(cache=str(low), out=str(tmp_path / "lt"), student=str(small), batch_size=8,
+                    max_steps=4, lr=5e-3, eval_fraction=HELD_OUT, order="random", progress=False)
+    )  # fmt: skip
+    t = trainer(low, small, tmp_path / "hf", steps=4)
+    assert t.kd_vocab_limit == 80
+    t.train()
+    assert step_losses(t) == pytest.approx(ref["losses"], rel=1e-3)
+    assert 0 <= t.evaluate_cache(HELD_OUT)["kl"] < float("inf")
+    wide = trainer(cache_of_all_tokens(tmp_path), small, tmp_path / "wide", steps=1)
+    with pytest.raises(ConfigError, match=r"holds token [89]\d, but the student has 80 ids"):
+        wide.train()
+
+
+def cache_of_all_tokens(tmp_path: Path) -> Path:
+    url = tmp_path / "all"
+    dump_tiny(teacher(), url, rows=16, seed=2)
+    return url
+
+
+def test_refusals(cache: Path, student_dir: Path, tmp_path: Path) -> None:
     short = tmp_path / "short"
     llama(1, context=8).save_pretrained(short)
     with pytest.raises(ConfigError, match=r"seq_len 16 but the student .* context of 8"):
