@@ -43,6 +43,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from logitcache.dump.draws import uniforms
 from logitcache.dump.head import ShardedHead
 from logitcache.dump.sparsify import (
     ChunkResult,
@@ -51,7 +52,6 @@ from logitcache.dump.sparsify import (
     _topk,
     finish_batch,
     prepare_positions,
-    uniforms,
     unique_draws,
 )
 from logitcache.dump.teacher import Teacher

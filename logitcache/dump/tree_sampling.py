@@ -4,7 +4,7 @@
 ids beyond it have mass 0) are the leaves of a fixed binary tree of depth ``D = log2 V_pad``. A
 draw walks from the root: at depth ``l`` it goes to the left child iff
 ``u_l * (m_left + m_right) < m_left``, with its own uniform ``u_l`` per
-``(seed, row, position, draw, level)`` (:func:`logitcache.dump.sparsify.uniforms` with
+``(seed, row, position, draw, level)`` (:func:`logitcache.dump.draws.uniforms` with
 ``levels``), ``m`` the children's unnormalised masses ``exp(z - max)``. The product of the
 conditionals is ``p_i``: exact sampling, the same law as inverse CDF, other ids.
 

@@ -23,7 +23,8 @@ import pytest
 import torch
 from test_dump import TESTS, _env, dump_args, load_cache, manifest, run_cli, text_data
 
-from logitcache.dump.sparsify import SparsifyConfig, sparsify_chunk, uniforms
+from logitcache.dump.draws import uniforms
+from logitcache.dump.sparsify import SparsifyConfig, sparsify_chunk
 
 __all__ = ["text_data"]  # the fixture, shared with test_dump
 
