@@ -1,4 +1,4 @@
-"""Three students of one teacher cache, compared in bits per byte (``bench_derived.py``'s part).
+"""Students of one teacher cache, compared in bits per byte (``bench_derived.py``'s part).
 
 The question users ask first about derived caches: does distilling through another tokenizer
 help? Set-up (every number below is a default of :class:`StudentsConfig`):
@@ -22,7 +22,12 @@ help? Set-up (every number below is a default of :class:`StudentsConfig`):
   2. ``aligned``: ``logitcache align`` to the 8k tokenizer, then ``--loss kl`` (forward KL on the
      projected top-k + tail; hard label only where no teacher boundary aligns);
   3. ``uld``: ``--loss uld --student-tokenizer DIR`` on the unaligned cache (rows re-tokenised
-     on the fly by ``train``); None with the reason when ``train`` lacks it or the run fails.
+     on the fly by ``train``); None with the reason when ``train`` lacks it or the run fails;
+  4. ``uld_ce``: the same with ``--alpha 0.5``: half ULD, half cross-entropy on the student's
+     own next tokens (ULD's paper trains with both terms).
+
+``students`` picks which to train (all four by default; the bits per byte are seeded and do not
+depend on the machine, so a run of one student compares with an earlier run of the others).
 
 - **Score**: bits per byte on the held-out topics: each topic tokenised by the student, cut into
   windows of the student's context, and ``sum(NLL of every token after the first of a window, in
@@ -66,6 +71,7 @@ class StudentsConfig:
     batch_size: int = 4
     lr: float = 3e-3
     seed: int = 0
+    students: tuple[str, ...] = ("hard", "aligned", "uld", "uld_ce")
 
 
 def split_topics() -> tuple[list[str], list[str]]:
@@ -213,7 +219,7 @@ def _uld_available() -> str | None:
 
 
 def run_students(cfg: StudentsConfig | None = None, work: Path | None = None) -> dict[str, Any]:
-    """The three students' figures (see the module docstring)."""
+    """The students' figures (see the module docstring)."""
     import tempfile
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -253,14 +259,19 @@ def run_students(cfg: StudentsConfig | None = None, work: Path | None = None) ->
         "hard": ["--cache", str(aligned), "--alpha", "1.0"],
         "aligned": ["--cache", str(aligned), "--loss", "kl"],
         "uld": ["--cache", str(cache), "--loss", "uld", *toks],
+        "uld_ce": ["--cache", str(cache), "--loss", "uld", "--alpha", "0.5", *toks],
     }
+    unknown = set(cfg.students) - set(runs)
+    if unknown:
+        raise SystemExit(f"unknown students {sorted(unknown)}; choose from {sorted(runs)}")
+    runs = {name: args for name, args in runs.items() if name in cfg.students}
     why_not_uld = _uld_available()
     with tempfile.TemporaryDirectory() as tmp:
         work = work or Path(tmp)
         conf = _student_config(cfg, work / "student.json", len(tok))
         for name, extra in runs.items():
-            if name == "uld" and why_not_uld:
-                figures["bpb_uld"], figures["uld_skipped"] = None, why_not_uld
+            if name.startswith("uld") and why_not_uld:
+                figures[f"bpb_{name}"], figures[f"{name}_skipped"] = None, why_not_uld
                 continue
             out = work / f"student-{name}"
             t0 = time.perf_counter()
@@ -268,9 +279,9 @@ def run_students(cfg: StudentsConfig | None = None, work: Path | None = None) ->
                 _lc(["train", "--out", str(out), "--student-config", str(conf), *common, *extra],
                     work / f"train-{name}.log")  # fmt: skip
             except SystemExit as e:  # the ULD path is new: report its failure, keep the others
-                if name != "uld":
+                if not name.startswith("uld"):
                     raise
-                figures["bpb_uld"], figures["uld_skipped"] = None, str(e)[-500:]
+                figures[f"bpb_{name}"], figures[f"{name}_skipped"] = None, str(e)[-500:]
                 continue
             summary = json.loads((out / "summary.json").read_text())
             model = AutoModelForCausalLM.from_pretrained(out / "final")
@@ -283,7 +294,13 @@ def run_students(cfg: StudentsConfig | None = None, work: Path | None = None) ->
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    keep = Path(sys.argv[1]) if len(sys.argv) > 1 else None  # a directory to keep the runs in
-    if keep is not None:
-        keep.mkdir(parents=True, exist_ok=True)
-    print(json.dumps(run_students(work=keep)))
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("keep", nargs="?", type=Path, help="a directory to keep the runs in")
+    ap.add_argument("--students", default=",".join(StudentsConfig.students))
+    args = ap.parse_args()
+    if args.keep is not None:
+        args.keep.mkdir(parents=True, exist_ok=True)
+    config = StudentsConfig(students=tuple(x for x in args.students.split(",") if x))
+    print(json.dumps(run_students(config, work=args.keep)))
