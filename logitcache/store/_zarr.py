@@ -6,7 +6,9 @@ inner chunks of about 1 MiB (zstd with frame checksums, level from the manifest)
 chunks live in a single shard object ``c/0[/0...]``: a cache shard is a few dozen files, not
 thousands, while a plain zarr reader can still fetch a single inner chunk. The shard is built in
 a zarr ``MemoryStore`` and written out by the caller, so checksums cover exactly the stored
-bytes.
+bytes. zarr writes the metadata; the shard objects are encoded here (``_shard_object``), byte for
+byte as zarr would, and read back here too (``_read_fast``): zarr's async codec pipeline costs
+more than the zstd it runs. Anything not in that layout goes through zarr itself.
 """
 
 from __future__ import annotations
