@@ -166,7 +166,8 @@ def main() -> None:
         mixed = mix_caches(str(root / "mix"), [a_url, b_url], [0.5, 0.5])
         figures["mix_kl_to_exact"] = _mix_kl(str(root / "mix"), lp_a, tail_a, lp_b, ids)
         figures["mix_moved_mass"] = round(mixed.moved_mass, 5)
-    # the students (hard labels, aligned KD, ULD, ULD + CE) in bits per byte: scripts/_derived_students.py
+    # the students (hard labels, aligned KD, ULD, ULD + CE) in bits per byte:
+    # scripts/_derived_students.py
     from _derived_students import run_students  # scripts/ is sys.path[0] when run as a script
 
     figures.update(run_students())
