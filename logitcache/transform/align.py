@@ -192,7 +192,7 @@ def _teacher(reader: CacheReader, path: str | None) -> tuple[Any, str]:
     """The teacher tokenizer and its fingerprint: the cache's own, or ``path`` checked against
     the fingerprint the cache records."""
     m = reader.manifest
-    # the cache's own refuses a cache without one, naming --teacher-tokenizer
+    # cache_tokenizer refuses a cache that stores none, naming --teacher-tokenizer
     tok = cache_tokenizer(reader) if path is None else load_teacher_tokenizer(reader, path)
     return tok, m.tokenizer.fingerprint or tokenizer_fingerprint(tok)
 
